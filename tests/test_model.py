@@ -1,0 +1,242 @@
+"""The network: shapes, fused == explicit, timm parity by construction, timm checkpoints, errors."""
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+from vit.model import (
+    Attention,
+    PatchEmbed,
+    VisionTransformer,
+    load_timm_weights,
+    resample_pos_embed,
+    sincos_pos_embed_2d,
+)
+
+TINY = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, num_heads=4)
+
+# Configurations that timm also builds: every switch the issue names, several sizes.
+PARITY = [
+    dict(TINY),
+    dict(TINY, class_token=False, global_pool="avg"),
+    dict(TINY, global_pool="avg"),
+    dict(TINY, qkv_bias=False),
+    dict(TINY, img_size=32, patch_size=8, embed_dim=48, num_heads=3, depth=3),
+    dict(TINY, img_size=(16, 24), patch_size=4, mlp_ratio=2.0),
+    dict(TINY, depth=1, num_heads=1, mlp_ratio=3.0),
+    dict(TINY, init_values=1e-2),
+    dict(TINY, no_embed_class=True),
+    dict(TINY, in_chans=1, num_classes=3),
+    dict(TINY, global_pool="avg", fc_norm=False),
+]
+
+
+def _pair(kw, seed=0):
+    torch.manual_seed(seed)
+    ours = VisionTransformer(**kw)
+    timm_kw = {k: v for k, v in kw.items() if k != "fused_attn"}
+    theirs = TimmViT(**timm_kw)
+    return ours, theirs
+
+
+def _images(kw, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    size = kw["img_size"] if isinstance(kw["img_size"], tuple) else (kw["img_size"],) * 2
+    return torch.randn(batch, kw.get("in_chans", 3), *size, generator=g)
+
+
+def test_shapes_and_features():
+    m = VisionTransformer(**TINY).eval()
+    x = _images(TINY)
+    assert m(x).shape == (3, 5)
+    feats = m.forward_features(x)
+    assert feats.shape == (3, 1 + 16, 32)  # class token + 4x4 patches
+    assert m.forward_head(feats, pre_logits=True).shape == (3, 32)
+    headless = VisionTransformer(**dict(TINY, num_classes=0))
+    assert headless(x).shape == (3, 32)
+
+
+def test_patch_tokens_are_row_major():
+    pe = PatchEmbed(img_size=8, patch_size=4, in_chans=1, embed_dim=1)
+    with torch.no_grad():
+        pe.proj.weight.fill_(1.0)
+        pe.proj.bias.zero_()
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 0:4, 4:8] = 1.0  # top-right patch -> token 1 in raster order
+    x[0, 0, 4:8, 0:4] = 2.0  # bottom-left patch -> token 2
+    assert pe(x)[0, :, 0].tolist() == [0.0, 16.0, 32.0, 0.0]
+
+
+def test_config_rebuilds_model():
+    m = VisionTransformer(**dict(TINY, global_pool="avg", class_token=False, drop_path_rate=0.1))
+    clone = VisionTransformer(**m.config)
+    assert clone.config == m.config
+    clone.load_state_dict(m.state_dict(), strict=True)
+    assert all(isinstance(v, (int, float, str, bool, list, type(None))) for v in m.config.values())
+
+
+@pytest.mark.parametrize("kw", [TINY, dict(TINY, class_token=False, global_pool="avg", attn_drop_rate=0.3)])
+def test_fused_equals_explicit(kw):
+    fused = VisionTransformer(**kw, fused_attn=True).eval()
+    explicit = VisionTransformer(**kw, fused_attn=False).eval()
+    explicit.load_state_dict(fused.state_dict())
+    x = _images(kw)
+    torch.testing.assert_close(fused(x), explicit(x), atol=1e-5, rtol=0)
+
+
+def test_attention_probs_rows_sum_to_one_and_drive_the_output():
+    attn = Attention(16, num_heads=2, qkv_bias=True, fused_attn=False).eval()
+    x = torch.randn(2, 5, 16)
+    p = attn.attention_probs(x)
+    assert p.shape == (2, 2, 5, 5)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 2, 5))
+    # Recompute the output by hand from the probabilities.
+    v = attn.qkv(x).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)[2]
+    out = attn.proj((p @ v).transpose(1, 2).reshape(2, 5, 16))
+    torch.testing.assert_close(attn(x), out)
+
+
+@pytest.mark.parametrize("kw", PARITY, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items() if TINY.get(k) != v) or "tiny")
+def test_timm_parity_both_directions(kw):
+    ours, theirs = _pair(kw)
+    assert list(ours.state_dict()) == list(theirs.state_dict())  # same names, same order
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.eval(), theirs.eval()
+    x = _images(kw)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
+    # And the reverse direction: timm's weights into ours.
+    torch.manual_seed(123)
+    theirs2 = TimmViT(**kw).eval()
+    ours.load_state_dict(theirs2.state_dict(), strict=True)
+    torch.testing.assert_close(ours(x), theirs2(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_timm_gradient_parity(fused):
+    kw = dict(TINY, init_values=1e-1)
+    ours, theirs = _pair(kw)
+    ours = VisionTransformer(**kw, fused_attn=fused)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x, y = _images(kw), torch.tensor([0, 3, 4])
+    for m in (ours, theirs):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    for (name, p), (tname, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert name == tname
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_init_matches_timm_statistics():
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=2, num_heads=3, num_classes=10)
+    fc1 = m.blocks[0].mlp.fc1.weight
+    assert abs(fc1.std().item() - 0.02) < 0.002  # timm truncates at +-2 absolute: a no-op at std 0.02
+    assert abs(fc1.mean().item()) < 0.001
+    assert m.blocks[0].attn.qkv.bias.abs().max() == 0 and m.head.bias.abs().max() == 0
+    assert abs(m.pos_embed.std().item() - 0.02) < 0.003
+    assert m.cls_token.abs().max() < 1e-4
+
+
+def test_drop_path_increases_linearly_and_is_inactive_in_eval():
+    m = VisionTransformer(**dict(TINY, depth=3, drop_path_rate=0.2))
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in m.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+    m.eval()
+    x = _images(TINY)
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(m(x), m(x))
+
+
+def test_sincos_pos_embed():
+    pe = sincos_pos_embed_2d((4, 4), 32)
+    assert pe.shape == (16, 32)
+    # sin^2 + cos^2 = 1 per frequency, for both axes
+    torch.testing.assert_close(pe[:, :8] ** 2 + pe[:, 8:16] ** 2, torch.ones(16, 8))
+    m = VisionTransformer(**dict(TINY, pos_embed="sincos"))
+    assert "pos_embed" not in m.state_dict()  # fixed, rebuilt from config
+    assert m.pos_embed.shape == (1, 17, 32)
+    assert m(_images(TINY)).shape == (3, 5)
+
+
+def test_load_timm_weights_resamples_from_a_file(tmp_path):
+    torch.manual_seed(0)
+    # A "pretrained" timm model at another resolution and patch size, saved to disk.
+    src = TimmViT(img_size=64, patch_size=16, num_classes=7, embed_dim=32, depth=2, num_heads=4)
+    for ext in ("pth", "safetensors"):
+        path = tmp_path / f"timm.{ext}"
+        if ext == "pth":
+            torch.save({"model": src.state_dict()}, path)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(src.state_dict(), str(path))
+        ours = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=32, depth=2, num_heads=4)
+        fresh_head = ours.head.weight.detach().clone()
+        load_timm_weights(ours, path)
+        assert ours.pos_embed.shape == (1, 1 + 64, 32)
+        assert ours.patch_embed.proj.weight.shape == (32, 3, 4, 4)
+        torch.testing.assert_close(ours.head.weight, fresh_head)  # 7 -> 10 classes: head replaced
+        torch.testing.assert_close(ours.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
+        torch.testing.assert_close(ours.cls_token, src.cls_token)
+        torch.testing.assert_close(ours.pos_embed[:, :1], src.pos_embed[:, :1])  # class position kept
+        assert torch.isfinite(ours(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_resample_pos_embed_is_identity_for_same_grid_and_smooth_otherwise():
+    pe = torch.randn(1, 1 + 16, 8)
+    assert resample_pos_embed(pe, (4, 4), 1) is pe
+    # A constant embedding stays constant under resampling.
+    const = torch.ones(1, 1 + 16, 8)
+    torch.testing.assert_close(resample_pos_embed(const, (8, 8), 1), torch.ones(1, 65, 8))
+
+
+def test_patch_kernel_resize_preserves_embeddings():
+    from vit.model import resample_patch_kernel
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 4, 4)
+    # Upsizing the kernel is exact (FlexiViT): <x, w> == <resize(x), resize(w)> for any patch x.
+    w_big = resample_patch_kernel(w, (8, 8))
+    x = torch.randn(5, 3, 4, 4)
+    x_big = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", antialias=True)
+    torch.testing.assert_close(
+        torch.einsum("bchw,dchw->bd", x_big, w_big), torch.einsum("bchw,dchw->bd", x, w), atol=1e-4, rtol=1e-4
+    )
+    assert resample_patch_kernel(w_big, (2, 2)).shape == (6, 3, 2, 2)  # downsizing: least squares
+
+
+def test_load_timm_weights_rejects_mismatched_model(tmp_path):
+    src = TimmViT(img_size=16, patch_size=4, num_classes=5, embed_dim=48, depth=2, num_heads=4)
+    ours = VisionTransformer(**TINY)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_timm_weights(ours, src.state_dict())
+    bad = tmp_path / "junk.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read"):
+        load_timm_weights(ours, bad)
+    with pytest.raises(FileNotFoundError):
+        load_timm_weights(ours, tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(TINY, img_size=18), r"img_size \(18, 18\) is not divisible by patch_size \(4, 4\)"),
+        (dict(TINY, num_heads=5), "embed_dim 32 is not divisible by num_heads 5"),
+        (dict(TINY, global_pool="max"), "global_pool must be one of"),
+        (dict(TINY, class_token=False), "needs class_token=True"),
+        (dict(TINY, pos_embed="rope"), "pos_embed must be one of"),
+        (dict(TINY, drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\)"),
+    ],
+)
+def test_bad_config_raises_value_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        VisionTransformer(**kw)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (2, 1, 16, 16), (3, 16, 16)])
+def test_bad_input_shape_raises_value_error(shape):
+    m = VisionTransformer(**TINY)
+    with pytest.raises(ValueError, match=r"expected images of shape \(batch, 3, 16, 16\), got"):
+        m(torch.randn(*shape))

@@ -1,0 +1,512 @@
+"""A Vision Transformer written from scratch, weight-for-weight compatible with timm.
+
+Pure PyTorch: no Lightning, no Hydra, no file I/O except `load_timm_weights`, which reads a
+checkpoint a user hands it. Module and parameter names follow
+`timm.models.vision_transformer.VisionTransformer`, so checking against timm is
+`load_state_dict(strict=True)` plus equal logits, with no key mapping.
+
+    PatchEmbed -> Attention -> Mlp -> Block -> VisionTransformer
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "PatchEmbed",
+    "Attention",
+    "Mlp",
+    "LayerScale",
+    "DropPath",
+    "Block",
+    "VisionTransformer",
+    "sincos_pos_embed_2d",
+    "load_timm_weights",
+]
+
+GLOBAL_POOLS = ("token", "avg", "")
+POS_EMBEDS = ("learn", "sincos", "none")
+
+
+def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a pair (height, width), got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+class PatchEmbed(nn.Module):
+    """Image -> sequence of patch tokens, in row-major (raster) order."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        for side, (i, p) in zip(("height", "width"), zip(self.img_size, self.patch_size)):
+            if p <= 0 or i <= 0 or i % p != 0:
+                raise ValueError(
+                    f"img_size {self.img_size} is not divisible by patch_size {self.patch_size} "
+                    f"(image {side} {i}, patch {side} {p}); pick a patch size that tiles the image"
+                )
+        self.in_chans = in_chans
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        # A convolution with kernel = stride = patch is a linear map applied to each patch.
+        self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"expected images of shape (batch, {self.in_chans}, {self.img_size[0]}, "
+                f"{self.img_size[1]}), got {tuple(x.shape)}; resize the input or build the model "
+                f"with matching img_size / in_chans"
+            )
+        x = self.proj(x)  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, gh*gw, D), row-major over the grid
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one qkv projection.
+
+    `fused_attn=False` runs the explicit maths (the reference, and the only path that can
+    return the attention probabilities); `fused_attn=True` runs the same function through
+    `F.scaled_dot_product_attention`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_heads <= 0 or dim % num_heads != 0:
+            raise ValueError(
+                f"embed_dim {dim} is not divisible by num_heads {num_heads}; "
+                f"choose num_heads among the divisors of {dim}"
+            )
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = fused_attn
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        # (B, N, 3*C) -> (3, B, heads, N, head_dim)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)
+
+    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Post-softmax attention probabilities, (B, heads, N, N), before attention dropout."""
+        q, k, _ = self._qkv(x)
+        return (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self._qkv(x)  # each (B, heads, N, head_dim)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            x = attn @ v  # (B, heads, N, head_dim)
+        x = x.transpose(1, 2).reshape(B, N, C)  # concatenate heads
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """Two-layer perceptron with exact (erf) GELU, as in ViT."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale of a residual branch (CaiT); `gamma` as in timm."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole samples, rescale the survivors."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def sincos_pos_embed_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding, (gh*gw, dim), row-major like the patches.
+
+    A quarter of the channels each for sin(y), cos(y), sin(x), cos(x) (MAE / "Simple ViT").
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"pos_embed='sincos' needs embed_dim divisible by 4, got {dim}")
+    gh, gw = grid_size
+    y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
+    y = y.flatten()[:, None] * omega[None, :]  # (N, dim/4)
+    x = x.flatten()[:, None] * omega[None, :]
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer (Dosovitskiy et al., 2021) with timm's keywords, defaults and names.
+
+    Extra over timm: `pos_embed="sincos"` (a fixed buffer, not a parameter) and `fused_attn`.
+    `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        init_values: float | None = None,
+        class_token: bool = True,
+        pos_embed: str = "learn",
+        no_embed_class: bool = False,
+        fc_norm: bool | None = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        # Plain primitives only: checkpoints store this dict and tools rebuild from it.
+        self.config: dict[str, Any] = {
+            "img_size": list(img_size) if isinstance(img_size, (tuple, list)) else img_size,
+            "patch_size": list(patch_size) if isinstance(patch_size, (tuple, list)) else patch_size,
+            "in_chans": in_chans,
+            "num_classes": num_classes,
+            "global_pool": global_pool,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "qkv_bias": qkv_bias,
+            "init_values": init_values,
+            "class_token": class_token,
+            "pos_embed": pos_embed,
+            "no_embed_class": no_embed_class,
+            "fc_norm": fc_norm,
+            "drop_rate": drop_rate,
+            "pos_drop_rate": pos_drop_rate,
+            "proj_drop_rate": proj_drop_rate,
+            "attn_drop_rate": attn_drop_rate,
+            "drop_path_rate": drop_path_rate,
+            "fused_attn": fused_attn,
+        }
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if depth < 1 or embed_dim < 1 or num_classes < 0:
+            raise ValueError(f"need depth >= 1, embed_dim >= 1, num_classes >= 0; got {depth}, {embed_dim}, {num_classes}")
+        for name, rate in (
+            ("drop_rate", drop_rate),
+            ("pos_drop_rate", pos_drop_rate),
+            ("proj_drop_rate", proj_drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
+
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.no_embed_class = no_embed_class
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        if pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
+        elif pos_embed == "sincos":
+            # Fixed, so a buffer rebuilt at construction rather than stored in checkpoints.
+            pe = sincos_pos_embed_2d(self.patch_embed.grid_size, embed_dim)
+            if not no_embed_class and self.num_prefix_tokens:
+                pe = torch.cat([pe.new_zeros(self.num_prefix_tokens, embed_dim), pe])  # class token: no position
+            self.register_buffer("pos_embed", pe[None], persistent=False)
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    init_values=init_values,
+                    drop_path=dpr[i],
+                    fused_attn=fused_attn,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # -- init ------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """timm's default ('jax'-free) init: trunc-normal(0.02) Linear weights and pos_embed,
+        zero biases, a tiny normal class token; conv and LayerNorm keep PyTorch's defaults."""
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    # -- forward ---------------------------------------------------------------------------
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) patch tokens -> (B, prefix + N, D) with class token and positions."""
+        cls = self.cls_token.expand(x.shape[0], -1, -1) if self.cls_token is not None else None
+        if self.no_embed_class:
+            if self.pos_embed is not None:
+                x = x + self.pos_embed
+            if cls is not None:
+                x = torch.cat([cls, x], dim=1)
+        else:
+            if cls is not None:
+                x = torch.cat([cls, x], dim=1)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, N, D)
+        x = self._pos_embed(x)  # (B, prefix + N, D)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens :].mean(dim=1)  # mean over patch tokens
+        if self.global_pool == "token":
+            return x[:, 0]  # class token
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.fc_norm(self.pool(x))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# -- loading timm checkpoints --------------------------------------------------------------
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"timm checkpoint not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(path, device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or a pickle that is not plain weights
+        raise ValueError(f"could not read {path} as a weights file (.pth, .bin or .safetensors): {e}") from e
+    for key in ("state_dict", "model", "state_dict_ema"):  # common wrappers around the weights
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int, old_grid: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """(1, prefix + gh*gw, D) -> (1, prefix + GH*GW, D): bicubic resize of the patch positions."""
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if old_grid is None:
+        side = math.isqrt(grid.shape[1])
+        if side * side != grid.shape[1]:
+            raise ValueError(f"cannot infer the grid of a position embedding with {grid.shape[1]} patch tokens")
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    D = grid.shape[-1]
+    grid = grid.reshape(1, *old_grid, D).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def resample_patch_kernel(weight: torch.Tensor, new_size: tuple[int, int]) -> torch.Tensor:
+    """Resize a patch-embedding kernel (D, C, p, p) -> (D, C, P, P) so that a patch, resized the
+    same way, gives (approximately) the same embedding: FlexiViT's pseudo-inverse resize."""
+    old_size = tuple(weight.shape[-2:])
+    if old_size == tuple(new_size):
+        return weight
+    n_old = old_size[0] * old_size[1]
+    basis = torch.eye(n_old, dtype=torch.float64).reshape(n_old, 1, *old_size)
+    # Column i: basis patch i resized to the new patch size. (n_new, n_old)
+    resize = F.interpolate(basis, size=new_size, mode="bilinear", antialias=True, align_corners=False)
+    resize = resize.reshape(n_old, -1).T
+    pinv = torch.linalg.pinv(resize.T)  # (n_new, n_old)
+    D, C = weight.shape[:2]
+    w = weight.reshape(D * C, n_old).double() @ pinv.T  # (D*C, n_new)
+    return w.reshape(D, C, *new_size).to(weight.dtype)
+
+
+def load_timm_weights(model: VisionTransformer, state_dict_or_path: dict[str, torch.Tensor] | str | os.PathLike) -> VisionTransformer:
+    """Load a timm ViT checkpoint (a state dict, or a .pth/.bin/.safetensors file) into `model`.
+
+    The position embedding is resampled when the patch grid differs, the patch kernel when the
+    patch size differs, and the classifier head is kept at its fresh init when the class count
+    differs (fine-tuning). Anything else that does not fit raises ValueError.
+    """
+    if isinstance(state_dict_or_path, dict):
+        sd = dict(state_dict_or_path)
+    else:
+        sd = _read_state_dict(state_dict_or_path)
+    own = model.state_dict()
+
+    w = sd.get("patch_embed.proj.weight")
+    if w is not None and w.shape[-2:] != own["patch_embed.proj.weight"].shape[-2:]:
+        sd["patch_embed.proj.weight"] = resample_patch_kernel(w, model.patch_embed.patch_size)
+    pe = sd.get("pos_embed")
+    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape:
+        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        sd["pos_embed"] = resample_pos_embed(pe, model.patch_embed.grid_size, prefix)
+    head_mismatch = any(k in sd and sd[k].shape != own[k].shape for k in ("head.weight", "head.bias") if k in own)
+    if head_mismatch:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd.update({k: v for k, v in own.items() if k.startswith("head.")})
+
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "timm checkpoint does not fit this model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}; "
+            "check embed_dim, depth, class_token, global_pool and qkv_bias against the checkpoint"
+        )
+    model.load_state_dict(sd, strict=True)
+    return model
