@@ -1,0 +1,87 @@
+"""Shared fixtures: small generated datasets (never ../shared) and composed Hydra configs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from vit.cli import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough to train in seconds on 2 cores, big enough to learn.
+TINY_MODEL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.drop_path_rate=0.0"]
+FAST = ["data.num_workers=0", "data.batch_size=16", "data.eval_batch_size=64", "callbacks.progress=null"]
+
+
+def make_images(n_per_class: int, classes: int = 3, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, size, size) images whose class is the brightest colour channel (learnable)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    images = (torch.rand(len(labels), 3, size, size, generator=g) * 100).to(torch.uint8)
+    for c in range(classes):
+        images[labels == c, c % 3] += 120 + 20 * (c // 3)
+    return images, labels
+
+
+def write_folder(root: Path, n_train: int = 40, n_test: int = 10, classes: int = 3, size: int = 16) -> Path:
+    """root/{train,test}/class_<k>/<i>.png"""
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        if n == 0:
+            continue
+        images, labels = make_images(n, classes, size, seed)
+        for i, (img, y) in enumerate(zip(images, labels.tolist())):
+            d = root / split / f"class_{y}"
+            d.mkdir(parents=True, exist_ok=True)
+            torchvision.io.write_png(img, str(d / f"{i:04d}.png"))
+    return root
+
+
+def write_cifar_pickles(root: Path, n_per_class: int = 4) -> Path:
+    """The CIFAR-10 python-pickle layout torchvision reads (root/cifar-10-batches-py/...)."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(files):
+        images, labels = make_images(n_per_class, classes=10, size=32, seed=k)
+        data = images.reshape(len(labels), -1).numpy()  # rows of 1024 R, then G, then B, as CIFAR stores
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": np.ascontiguousarray(data), "labels": labels.tolist()}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("folder_data"))
+
+
+def compose_train(overrides: list[str], output_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose the real config with overrides, as `vit-train` would, writing into output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.paths.output_dir = str(output_dir)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env

@@ -1,0 +1,137 @@
+"""Data: folder and CIFAR-pickle loading, the stratified split, augmentation, bad datasets."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from tests.conftest import write_cifar_pickles, write_folder
+from vit.data import (
+    DataError,
+    ImageDataModule,
+    build_batch_mix,
+    build_train_transform,
+    load_cifar10,
+    load_image_folder,
+    stratified_split,
+)
+
+
+def test_folder_loads_sorted_classes_and_pixels(tmp_path):
+    root = write_folder(tmp_path, n_train=5, n_test=0, classes=3)
+    images, labels, classes = load_image_folder(root / "train", img_size=None)
+    assert classes == ["class_0", "class_1", "class_2"]
+    assert images.shape == (15, 3, 16, 16) and images.dtype == torch.uint8
+    assert labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    first = torchvision.io.decode_image(str(root / "train" / "class_0" / "0000.png"))
+    assert torch.equal(images[0], first)
+
+
+def test_folder_resizes_to_img_size(tmp_path):
+    root = write_folder(tmp_path, n_train=2, n_test=0)
+    images, _, _ = load_image_folder(root / "train", img_size=(8, 8))
+    assert images.shape == (6, 3, 8, 8)
+
+
+def test_cifar_pickle_layout(tmp_path, monkeypatch):
+    write_cifar_pickles(tmp_path, n_per_class=2)
+    # Our generated files cannot match torchvision's md5 list; everything else is torchvision's code.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    images, labels, classes = load_cifar10(str(tmp_path), train=True, download=False)
+    assert images.shape == (5 * 20, 3, 32, 32) and classes[0] == "airplane" and len(classes) == 10
+    test_images, test_labels, _ = load_cifar10(str(tmp_path), train=False, download=False)
+    assert test_images.shape == (20, 3, 32, 32)
+    # Channel-first conversion is right: class c was made brightest in channel c % 3.
+    means = test_images.float().mean((2, 3))
+    assert all(means[i].argmax() == test_labels[i] % 3 for i in range(len(test_labels)) if test_labels[i] < 3)
+    dm = ImageDataModule(name="cifar10", root=str(tmp_path), download=False, val_size=10)
+    dm.setup("fit")
+    assert len(dm.train_set) == 90 and len(dm.val_set) == 10 and dm.has_test
+
+
+def test_cifar10_missing_offline_names_the_folder_and_the_alternative(tmp_path):
+    with pytest.raises(DataError, match=rf"not in {tmp_path}.*data=folder"):
+        load_cifar10(str(tmp_path), train=True, download=False)
+
+
+def test_stratified_split_is_seeded_disjoint_and_proportional():
+    labels = torch.arange(4).repeat_interleave(25)  # 4 classes x 25
+    tr, va = stratified_split(labels, 20, seed=1)
+    assert len(va) == 20 and len(tr) == 80
+    assert set(tr.tolist()).isdisjoint(va.tolist()) and len(set(tr.tolist()) | set(va.tolist())) == 100
+    assert torch.bincount(labels[va]).tolist() == [5, 5, 5, 5]
+    assert torch.equal(va, stratified_split(labels, 20, seed=1)[1])
+    assert not torch.equal(va, stratified_split(labels, 20, seed=2)[1])
+    with pytest.raises(DataError, match="val_size=100 must be in"):
+        stratified_split(labels, 100, seed=0)
+
+
+def test_train_transform_keeps_shape_and_dtype():
+    t = build_train_transform((16, 16), crop_padding=4, hflip=True, auto_augment="trivialaugment", random_erasing=0.5)
+    x = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)
+    y = t(x)
+    assert y.shape == (3, 16, 16) and y.dtype == torch.uint8
+    assert build_train_transform((16, 16), crop_padding=0, hflip=False) is None
+    with pytest.raises(DataError, match="auto_augment"):
+        build_train_transform((16, 16), auto_augment="autoaug2000")
+
+
+def test_batch_mix_gives_soft_targets_that_sum_to_one():
+    mix = build_batch_mix(num_classes=5, mixup_alpha=0.8, cutmix_alpha=1.0)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    x2, y2 = mix(x, y)
+    assert x2.shape == x.shape and y2.shape == (8, 5)
+    torch.testing.assert_close(y2.sum(1), torch.ones(8))
+    assert build_batch_mix(5, 0.0, 0.0) is None
+
+
+def test_datamodule_normalizes_on_device_with_recorded_stats(folder_data):
+    dm = ImageDataModule(name="folder", root=str(folder_data), img_size=16, val_size=12, num_workers=0, batch_size=8)
+    dm.setup("fit")
+    assert dm.class_names == ["class_0", "class_1", "class_2"] and dm.num_classes == 3
+    assert len(dm.train_set) == 108 and len(dm.val_set) == 12
+    # Folder datasets get the training split's own statistics: normalized train images ~ N(0, 1).
+    x = dm.normalize(dm.train_set.images)
+    torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-3, rtol=0)
+    torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(3), atol=1e-3, rtol=0)
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 16, 16)
+    out, _ = dm.on_after_batch_transfer((images, labels), 0)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: (root / "train" / "a").mkdir(parents=True), "Found no valid file"),
+        (lambda root: (root / "train").mkdir(parents=True), "Couldn't find any class folder"),
+    ],
+)
+def test_bad_folders_raise_data_error(tmp_path, make, match):
+    root = tmp_path / "ds"
+    make(root)
+    dm = ImageDataModule(name="folder", root=str(root))
+    with pytest.raises(DataError, match=match):
+        dm.setup("fit")
+
+
+def test_empty_class_and_corrupt_image_are_named(tmp_path):
+    root = write_folder(tmp_path / "ds", n_train=3, n_test=0)
+    (root / "train" / "class_9").mkdir()
+    with pytest.raises(DataError, match="class_9"):
+        load_image_folder(root / "train", None)
+    (root / "train" / "class_9").rmdir()
+    bad = root / "train" / "class_1" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=f"cannot decode image {bad}"):
+        load_image_folder(root / "train", None)
+
+
+def test_test_split_must_have_the_same_classes(tmp_path):
+    root = write_folder(tmp_path / "ds", n_train=3, n_test=2)
+    Path(root / "test" / "class_0").rename(root / "test" / "zebra")
+    dm = ImageDataModule(name="folder", root=str(root), val_size=3)
+    with pytest.raises(DataError, match="has classes"):
+        dm.setup("test")

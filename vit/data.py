@@ -1,0 +1,306 @@
+"""Data: CIFAR-10 (torchvision) or any class-folder tree, decoded once into uint8 memory.
+
+Images live in memory as one uint8 tensor (N, C, H, W): CIFAR-10's 50,000 training images are
+150 MB. Per-sample augmentation (torchvision.transforms.v2) runs on those uint8 tensors in the
+loader; conversion to float, normalization and mixup/cutmix run on whole batches after they
+reach the device (`on_after_batch_transfer`), where they are cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+log = logging.getLogger(__name__)
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+DATASETS = ("cifar10", "folder")
+
+
+class DataError(ValueError):
+    """A dataset that is missing, empty or unreadable; the message says what to do."""
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images (N, C, H, W) and labels (N,) in memory, with an optional per-image transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform | None = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[i])
+
+
+def batch_size(batch: tuple[torch.Tensor, Any]) -> int:
+    """Images in an (images, labels) batch; for Lightning's ThroughputMonitor."""
+    return batch[0].shape[0]
+
+
+# -- reading datasets -----------------------------------------------------------------------
+
+
+def load_cifar10(root: str, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """torchvision's CIFAR-10 as uint8 (N, 3, 32, 32), labels, class names."""
+    split = "train" if train else "test"
+    try:
+        ds = torchvision.datasets.CIFAR10(root, train=train, download=download)
+    except Exception as e:  # offline download (URLError), or absent with download=False (RuntimeError)
+        raise DataError(
+            f"CIFAR-10 ({split} split) is not in {os.path.abspath(root)} and could not be "
+            f"{'downloaded' if download else 'loaded (data.download=false)'}: {e}. "
+            "Connect to the internet so torchvision can download it, point data.root at a folder "
+            "that holds cifar-10-batches-py/, or use a class-folder copy with "
+            "data=folder data.root=<dir with train/<class>/*.png>."
+        ) from e
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    return images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)
+
+
+def _decode(path: str, img_size: tuple[int, int] | None) -> torch.Tensor:
+    try:
+        img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)  # (3, H, W) uint8
+    except Exception as e:
+        raise DataError(f"cannot decode image {path}: {e}; delete or replace the file") from e
+    if img_size is not None and tuple(img.shape[1:]) != img_size:
+        img = v2.functional.resize(img, list(img_size), antialias=True)
+    return img
+
+
+def load_image_folder(
+    folder: str | Path, img_size: tuple[int, int] | None, class_names: Sequence[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A `folder/<class>/*.png|jpg|...` tree as uint8 (N, 3, H, W), labels, sorted class names.
+
+    Images are resized to `img_size` when given; otherwise they must all share one size.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist; expected {folder}/<class>/<image files>")
+    try:
+        ds = torchvision.datasets.ImageFolder(str(folder), allow_empty=False)
+    except FileNotFoundError as e:  # no class folders, or a class folder with no images
+        raise DataError(f"{folder}: {e}. Each class needs at least one image file.") from e
+    if class_names is not None and list(ds.classes) != list(class_names):
+        raise DataError(f"{folder} has classes {ds.classes}, but the training split has {list(class_names)}")
+    first = _decode(ds.samples[0][0], img_size)
+    size = tuple(first.shape[1:])
+    images = torch.empty(len(ds.samples), 3, *size, dtype=torch.uint8)
+    for i, (path, _) in enumerate(ds.samples):
+        img = first if i == 0 else _decode(path, img_size)
+        if tuple(img.shape[1:]) != size:
+            raise DataError(
+                f"{path} is {tuple(img.shape[1:])}, other images are {size}; set data.img_size to resize all"
+            )
+        images[i] = img
+    return images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)
+
+
+def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, val): `val_size` samples drawn per class in proportion, seeded."""
+    n = len(labels)
+    if not 0 <= val_size < n:
+        raise DataError(f"data.val_size={val_size} must be in [0, {n}) for a training set of {n} images")
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    # Largest-remainder allocation so the per-class quotas add up to val_size exactly.
+    exact = counts.double() * val_size / n
+    quota = exact.floor().long()
+    quota[torch.argsort(exact - quota, descending=True)[: val_size - int(quota.sum())]] += 1
+    val = []
+    for c, q in zip(classes.tolist(), quota.tolist()):
+        idx = torch.nonzero(labels == c).flatten()
+        val.append(idx[torch.randperm(len(idx), generator=g)[:q]])
+    val_idx = torch.cat(val).sort().values
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[val_idx] = False
+    return torch.nonzero(mask).flatten(), val_idx
+
+
+# -- augmentation ---------------------------------------------------------------------------
+
+
+def build_train_transform(
+    img_size: Sequence[int],
+    crop_padding: int = 4,
+    hflip: bool = True,
+    auto_augment: str | None = None,
+    randaugment_num_ops: int = 2,
+    randaugment_magnitude: int = 9,
+    random_erasing: float = 0.0,
+) -> v2.Transform | None:
+    """Per-image augmentation on uint8 tensors."""
+    ops: list[v2.Transform] = []
+    if crop_padding:
+        ops.append(v2.RandomCrop(list(img_size), padding=crop_padding, padding_mode="reflect"))
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    if auto_augment in ("randaugment", "rand"):
+        ops.append(v2.RandAugment(num_ops=randaugment_num_ops, magnitude=randaugment_magnitude))
+    elif auto_augment in ("trivialaugment", "trivial"):
+        ops.append(v2.TrivialAugmentWide())
+    elif auto_augment not in (None, "none", ""):
+        raise DataError(f"data.augment.auto_augment must be none, randaugment or trivialaugment, got {auto_augment!r}")
+    if random_erasing > 0:
+        ops.append(v2.RandomErasing(p=random_erasing, value=0))
+    return v2.Compose(ops) if ops else None
+
+
+def build_batch_mix(num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> v2.Transform | None:
+    """Batch-level MixUp / CutMix (one of them per batch), producing soft targets (B, K)."""
+    mixes = []
+    if mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+# -- the DataModule -------------------------------------------------------------------------
+
+
+class ImageDataModule(L.LightningDataModule):
+    """CIFAR-10 or a class-folder dataset; train/val split carved from train, seeded.
+
+    `mean`/`std` default to CIFAR-10's for `cifar10` and to the training split's own statistics
+    for `folder`; they are recorded in checkpoints so evaluation normalizes the same way.
+    """
+
+    def __init__(
+        self,
+        name: str = "cifar10",
+        root: str = "data/cifar10",
+        download: bool = True,
+        img_size: int | None = 32,
+        val_size: int = 5000,
+        seed: int = 0,
+        batch_size: int = 128,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment: dict[str, Any] | None = None,
+        mix: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if name not in DATASETS:
+            raise DataError(f"data.name must be one of {DATASETS}, got {name!r}")
+        self.name, self.root, self.download = name, root, download
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else (tuple(img_size) if img_size else None)
+        self.val_size, self.seed = val_size, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.mean = list(mean) if mean is not None else (list(CIFAR10_MEAN) if name == "cifar10" else None)
+        self.std = list(std) if std is not None else (list(CIFAR10_STD) if name == "cifar10" else None)
+        self.augment = dict(augment or {})
+        self.mix_cfg = dict(mix or {})
+        self.class_names: list[str] = []
+        self.train_set = self.val_set = self.test_set = None
+        self._train_images: torch.Tensor | None = None
+        self.batch_mix: v2.Transform | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_test(self) -> bool:
+        if self.name == "cifar10":
+            return True
+        return (Path(self.root) / "test").is_dir()
+
+    def prepare_data(self) -> None:
+        if self.name == "cifar10" and self.download:
+            load_cifar10(self.root, train=True, download=True)
+            load_cifar10(self.root, train=False, download=True)
+
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        if self.name == "cifar10":
+            images, labels, classes = load_cifar10(self.root, train=train, download=False)
+            if self.img_size is not None and tuple(images.shape[2:]) != self.img_size:
+                images = v2.functional.resize(images, list(self.img_size), antialias=True)
+            return images, labels, classes
+        if not Path(self.root).is_dir():
+            raise DataError(f"data.root={self.root} does not exist; expected {self.root}/train/<class>/<images>")
+        split = Path(self.root) / ("train" if train else "test")
+        return load_image_folder(split, self.img_size, None if train else self.class_names)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            images, labels, self.class_names = self._load(train=True)
+            if self.img_size is None:
+                self.img_size = tuple(images.shape[2:])
+            train_idx, val_idx = stratified_split(labels, self.val_size, self.seed)
+            if self.mean is None or self.std is None:
+                # Per-channel statistics of the training split, in [0, 1] units.
+                x = images[train_idx].float().div_(255).transpose(0, 1).reshape(3, -1)
+                self.mean, self.std = x.mean(1).tolist(), x.std(1).tolist()
+            transform = build_train_transform(self.img_size, **self.augment)
+            self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], transform)
+            self.val_set = TensorImageDataset(images[val_idx], labels[val_idx])
+            self.batch_mix = build_batch_mix(self.num_classes, **self.mix_cfg) if self.mix_cfg else None
+            log.info(
+                "data: %s at %s, %d classes, %d train / %d val images of %s",
+                self.name,
+                self.root,
+                self.num_classes,
+                len(self.train_set),
+                len(self.val_set),
+                "x".join(map(str, self.img_size)),
+            )
+        if stage in ("test", None) and self.test_set is None and self.has_test:
+            images, labels, _ = self._load(train=False)
+            self.test_set = TensorImageDataset(images, labels)
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(ds) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise DataError(f"{self.root} has no test split (expected {self.root}/test/<class>/...)")
+        return self._loader(self.test_set, train=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float, normalized with this dataset's mean and std."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        images = self.normalize(images)
+        if self.batch_mix is not None and self.trainer is not None and self.trainer.training:
+            images, labels = self.batch_mix(images, labels)  # labels -> soft targets (B, K)
+        return images, labels

@@ -1,0 +1,92 @@
+"""`vit-train`: compose the config, build data, model and Trainer, fit, test the best checkpoint.
+
+    vit-train                                   # default recipe on CIFAR-10
+    vit-train model=vit_small trainer.max_epochs=200 optim.lr=5e-4
+    vit-train data=folder data.root=~/data/cifar10-jpeg
+    vit-train -m model.depth=4,6                # a sweep
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import hydra
+import lightning as L
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from vit.cli import CONFIG_DIR, user_errors_exit
+from vit.data import ImageDataModule
+from vit.model import load_timm_weights
+from vit.module import ViTClassifier
+
+log = logging.getLogger("vit")
+
+
+def build_datamodule(cfg: DictConfig) -> ImageDataModule:
+    """Instantiate and load the data now, so a bad data.root fails before anything else."""
+    dm: ImageDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
+    """The LightningModule; the network's img_size and num_classes come from the data."""
+    model_kw: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
+    compile_ = bool(model_kw.pop("compile", False))
+    pretrained = model_kw.pop("pretrained", None)
+    h, w = dm.img_size
+    model_kw["img_size"] = h if h == w else [h, w]
+    model_kw["num_classes"] = dm.num_classes
+    optim: dict[str, Any] = OmegaConf.to_container(cfg.optim, resolve=True)  # type: ignore[assignment]
+    module = ViTClassifier(model=model_kw, compile=compile_, **optim)
+    module.data_info = {"class_names": dm.class_names, "mean": dm.mean, "std": dm.std}
+    if pretrained:
+        load_timm_weights(module.net, os.path.expanduser(pretrained))
+        log.info("started from timm weights %s", pretrained)
+    return module
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers: list[Logger] = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test) as configured; returns the final metrics (floats)."""
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    trainer = build_trainer(cfg)
+
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    ckpt_cb = trainer.checkpoint_callback
+    best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+    if cfg.get("test") and dm.has_test and not trainer.fast_dev_run:
+        results = trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in results[0].items()})
+
+    if trainer.is_global_zero:
+        log.info("run directory: %s", cfg.paths.output_dir)
+        if best:
+            log.info("best checkpoint (val/acc %.4f): %s", float(ckpt_cb.best_model_score or 0), best)
+        log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@user_errors_exit
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # A sweeper (Optuna) optimizes the returned value.
+    return metrics.get(cfg.get("optimized_metric") or "val/acc_best")
+
+
+if __name__ == "__main__":
+    main()
