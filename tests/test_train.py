@@ -1,0 +1,152 @@
+"""Training under Hydra: config composition, a real tiny run, resume, multirun, checkpoints, errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from tests.conftest import FAST, TINY_MODEL, cli_env, compose_train
+from vit.checkpoint import CheckpointError, load_checkpoint, load_model
+from vit.cli import CONFIG_DIR
+from vit.model import VisionTransformer
+from vit.train import train
+
+CONF = Path(CONFIG_DIR)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{g}={o}" for g in ("data", "model", "trainer", "logger", "callbacks") for o in _options(g)]
+    + [f"experiment={o}" for o in _options("experiment")],
+)
+def test_every_config_option_composes(override, tmp_path):
+    cfg = compose_train([override, "data.root=/nonexistent"], tmp_path)
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    model_kw = {k: v for k, v in cfg.model.items() if k not in ("compile", "pretrained")}
+    net = VisionTransformer(**model_kw, img_size=cfg.data.img_size or 32, num_classes=10)
+    assert net.config["embed_dim"] == cfg.model.embed_dim
+
+
+def test_trainer_keys_override_without_plus(tmp_path):
+    cfg = compose_train(["trainer.max_epochs=3", "trainer.limit_train_batches=10", "seed=7"], tmp_path)
+    assert cfg.trainer.max_epochs == 3 and cfg.trainer.limit_train_batches == 10 and cfg.data.seed == 7
+
+
+def test_unknown_key_is_rejected_by_hydra():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        with pytest.raises(Exception, match="model.embed_dimm"):
+            compose(config_name="train", overrides=["model.embed_dimm=3"])
+    GlobalHydra.instance().clear()
+
+
+def test_fast_dev_run(folder_data, tmp_path):
+    cfg = compose_train(
+        ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.fast_dev_run=true", *TINY_MODEL, *FAST],
+        tmp_path,
+    )
+    metrics = train(cfg)
+    assert "train/loss_step" in metrics
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_then_resumes_and_checkpoint_is_self_describing(folder_data, tmp_path):
+    common = [
+        "data=folder",
+        f"data.root={folder_data}",
+        "data.img_size=16",
+        "data.val_size=30",
+        "optim.lr=3e-3",
+        "optim.warmup_epochs=0.5",
+        *TINY_MODEL,
+        *FAST,
+    ]
+    run1 = tmp_path / "run1"
+    metrics = train(compose_train([*common, "trainer.max_epochs=4", "logger=many"], run1))
+    # Chance is 1/3; the colour cue is easy to learn.
+    assert metrics["val/acc_best"] >= 0.9, metrics
+    assert metrics["test/acc"] >= 0.9, metrics
+    best, last = run1 / "checkpoints" / "best.ckpt", run1 / "checkpoints" / "last.ckpt"
+    assert best.is_file() and last.is_file()
+    assert (run1 / "csv" / "metrics.csv").is_file() and any((run1 / "tensorboard").iterdir())
+
+    # Self-describing: weights_only load, rebuild from the file alone, same logits as in training.
+    raw = torch.load(last, map_location="cpu", weights_only=True)
+    assert raw["epoch"] == 3 and raw["vit"]["class_names"] == ["class_0", "class_1", "class_2"]
+    ckpt = load_checkpoint(best)
+    model = load_model(best)
+    assert not model.training and model.config == ckpt.model.config
+    assert ckpt.img_size == (16, 16) and len(ckpt.mean) == 3
+
+    # Resume: epochs and optimizer state continue from last.ckpt.
+    run2 = tmp_path / "run2"
+    train(compose_train([*common, "trainer.max_epochs=5", f"ckpt_path={last}"], run2))
+    resumed = torch.load(run2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == 4
+    assert resumed["global_step"] == raw["global_step"] * 5 // 4
+    assert resumed["optimizer_states"][0]["state"][0]["step"] > raw["optimizer_states"][0]["state"][0]["step"]
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"hello")
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        load_checkpoint(junk)
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(CheckpointError, match="not a checkpoint written by vit-train"):
+        load_checkpoint(plain)
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vit.train", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env()
+    )
+
+
+@pytest.mark.slow
+def test_multirun_two_jobs(folder_data, tmp_path):
+    r = _cli(
+        ["-m", "model.depth=1,2", "data=folder", f"data.root={folder_data}", "data.img_size=16",
+         "trainer=debug", "test=false", "model.embed_dim=16", "model.num_heads=2", *FAST,
+         f"paths.sweep_dir={tmp_path}/multirun"],
+        tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = sorted((tmp_path / "multirun").glob("*/*/*/checkpoints/last.ckpt"))
+    assert len(ckpts) == 2
+    depths = sorted(load_model(c).config["depth"] for c in ckpts)
+    assert depths == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.num_heads=5"], "embed_dim 32 is not divisible by num_heads 5"),
+        (["data.root=/does/not/exist"], "data.root=/does/not/exist does not exist"),
+        (["data.val_size=100000"], "data.val_size=100000 must be in"),
+    ],
+)
+def test_bad_overrides_fail_before_training_with_one_message(folder_data, tmp_path, overrides, message):
+    args = ["data=folder", f"data.root={folder_data}", "model.embed_dim=32", *FAST, *overrides]
+    r = _cli(args, tmp_path)
+    assert r.returncode == 1
+    assert f"error: {message}" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))  # nothing was trained
+
+
+def test_offline_cifar_without_data_gives_clear_error(tmp_path):
+    r = _cli(["data.download=false", f"data.root={tmp_path}/cifar"], tmp_path)
+    assert r.returncode == 1
+    assert "CIFAR-10 (train split) is not in" in r.stderr and "data=folder" in r.stderr
