@@ -72,14 +72,29 @@ def load_cifar10(root: str, train: bool, download: bool) -> tuple[torch.Tensor, 
     return images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)
 
 
-def _decode(path: str, img_size: tuple[int, int] | None) -> torch.Tensor:
+def read_image(path: str | os.PathLike, img_size: Sequence[int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode an image file to uint8 RGB (3, H, W), resized to `img_size` when given.
+
+    Returns the image and its original (H, W). Grayscale, palette and RGBA files become RGB.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(f"image not found: {path}")
     try:
         img = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)  # (3, H, W) uint8
     except Exception as e:
         raise DataError(f"cannot decode image {path}: {e}; delete or replace the file") from e
-    if img_size is not None and tuple(img.shape[1:]) != img_size:
+    original = (int(img.shape[1]), int(img.shape[2]))
+    if img_size is not None and original != tuple(img_size):
         img = v2.functional.resize(img, list(img_size), antialias=True)
-    return img
+    return img, original
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32, (x/255 - mean) / std per channel."""
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
 
 
 def load_image_folder(
@@ -98,11 +113,11 @@ def load_image_folder(
         raise DataError(f"{folder}: {e}. Each class needs at least one image file.") from e
     if class_names is not None and list(ds.classes) != list(class_names):
         raise DataError(f"{folder} has classes {ds.classes}, but the training split has {list(class_names)}")
-    first = _decode(ds.samples[0][0], img_size)
+    first = read_image(ds.samples[0][0], img_size)[0]
     size = tuple(first.shape[1:])
     images = torch.empty(len(ds.samples), 3, *size, dtype=torch.uint8)
     for i, (path, _) in enumerate(ds.samples):
-        img = first if i == 0 else _decode(path, img_size)
+        img = first if i == 0 else read_image(path, img_size)[0]
         if tuple(img.shape[1:]) != size:
             raise DataError(
                 f"{path} is {tuple(img.shape[1:])}, other images are {size}; set data.img_size to resize all"
@@ -294,9 +309,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) -> float, normalized with this dataset's mean and std."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, -1, 1, 1)
-        return (images.float() / 255.0 - mean) / std
+        return normalize(images, self.mean, self.std)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch

@@ -43,7 +43,13 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
     model_kw["num_classes"] = dm.num_classes
     optim: dict[str, Any] = OmegaConf.to_container(cfg.optim, resolve=True)  # type: ignore[assignment]
     module = ViTClassifier(model=model_kw, compile=compile_, **optim)
-    module.data_info = {"class_names": dm.class_names, "mean": dm.mean, "std": dm.std}
+    module.data_info = {
+        "class_names": dm.class_names,
+        "mean": dm.mean,
+        "std": dm.std,
+        # Where the data came from and how val was carved, so vit-eval can rebuild the same split.
+        "data": {"name": dm.name, "root": os.path.abspath(dm.root), "val_size": dm.val_size, "seed": dm.seed},
+    }
     if pretrained:
         load_timm_weights(module.net, os.path.expanduser(pretrained))
         log.info("started from timm weights %s", pretrained)
