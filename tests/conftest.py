@@ -20,7 +20,13 @@ from vit.cli import CONFIG_DIR
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to train in seconds on 2 cores, big enough to learn.
 TINY_MODEL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.drop_path_rate=0.0"]
-FAST = ["data.num_workers=0", "data.val_size=30", "data.batch_size=16", "data.eval_batch_size=64", "callbacks.progress=null"]
+FAST = [
+    "data.num_workers=0",
+    "data.val_size=30",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "callbacks.progress=null",
+]
 
 
 def make_images(n_per_class: int, classes: int = 3, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

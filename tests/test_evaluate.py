@@ -56,8 +56,16 @@ def trained_run(folder_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("trained")
     r = _run(
         "vit.train",
-        ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=3", "optim.lr=3e-3",
-         *TINY_MODEL, *FAST, "hydra.run.dir=run"],
+        [
+            "data=folder",
+            f"data.root={folder_data}",
+            "data.img_size=16",
+            "trainer.max_epochs=3",
+            "optim.lr=3e-3",
+            *TINY_MODEL,
+            *FAST,
+            "hydra.run.dir=run",
+        ],
         cwd,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -79,7 +87,9 @@ def test_eval_reproduces_the_runs_test_accuracy(trained_run, tmp_path):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     assert "top1" in r.stdout
     # The val split is rebuilt from what the checkpoint recorded (same size as in training).
-    r = _run("vit.evaluate", [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "split=val", "hydra.run.dir=ev"], tmp_path)
+    r = _run(
+        "vit.evaluate", [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "split=val", "hydra.run.dir=ev"], tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_samples"] == 30
 
@@ -91,7 +101,9 @@ def test_attention_cli_images_and_split(trained_run, tmp_path):
     gray = tmp_path / "gray.png"
     torchvision.io.write_png(torch.randint(0, 255, (1, 16, 16), dtype=torch.uint8), str(gray))
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    r = _run("vit.attention", [f"ckpt_path={ckpt}", f"images=[{big},{gray}]", "gradient=true", "hydra.run.dir=a"], tmp_path)
+    r = _run(
+        "vit.attention", [f"ckpt_path={ckpt}", f"images=[{big},{gray}]", "gradient=true", "hydra.run.dir=a"], tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == ["attention_big.png", "attention_gray.png"]
     r = _run(

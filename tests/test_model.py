@@ -96,7 +96,9 @@ def test_attention_probs_rows_sum_to_one_and_drive_the_output():
     torch.testing.assert_close(attn(x), out)
 
 
-@pytest.mark.parametrize("kw", PARITY, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items() if TINY.get(k) != v) or "tiny")
+@pytest.mark.parametrize(
+    "kw", PARITY, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items() if TINY.get(k) != v) or "tiny"
+)
 def test_timm_parity_both_directions(kw):
     ours, theirs = _pair(kw)
     assert list(ours.state_dict()) == list(theirs.state_dict())  # same names, same order

@@ -50,7 +50,14 @@ def test_unknown_key_is_rejected_by_hydra():
 
 def test_fast_dev_run(folder_data, tmp_path):
     cfg = compose_train(
-        ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.fast_dev_run=true", *TINY_MODEL, *FAST],
+        [
+            "data=folder",
+            f"data.root={folder_data}",
+            "data.img_size=16",
+            "trainer.fast_dev_run=true",
+            *TINY_MODEL,
+            *FAST,
+        ],
         tmp_path,
     )
     metrics = train(cfg)
@@ -110,16 +117,31 @@ def test_load_checkpoint_errors(tmp_path):
 
 def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vit.train", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env()
+        [sys.executable, "-m", "vit.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(),
     )
 
 
 @pytest.mark.slow
 def test_multirun_two_jobs(folder_data, tmp_path):
     r = _cli(
-        ["-m", "model.depth=1,2", "data=folder", f"data.root={folder_data}", "data.img_size=16",
-         "trainer=debug", "test=false", "model.embed_dim=16", "model.num_heads=2", *FAST,
-         f"paths.sweep_dir={tmp_path}/multirun"],
+        [
+            "-m",
+            "model.depth=1,2",
+            "data=folder",
+            f"data.root={folder_data}",
+            "data.img_size=16",
+            "trainer=debug",
+            "test=false",
+            "model.embed_dim=16",
+            "model.num_heads=2",
+            *FAST,
+            f"paths.sweep_dir={tmp_path}/multirun",
+        ],
         tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]

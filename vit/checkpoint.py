@@ -59,7 +59,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path}: its recorded model config is invalid: {e}") from e
     # The LightningModule stores the network under `net.`; torch.compile may add `_orig_mod.`.
     state = {
-        k.removeprefix("net.").replace("_orig_mod.", ""): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")
+        k.removeprefix("net.").replace("_orig_mod.", ""): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("net.")
     }
     try:
         model.load_state_dict(state, strict=True)

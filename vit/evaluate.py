@@ -1,8 +1,8 @@
 """`vit-eval`: evaluate a checkpoint on a split; metrics.json, a confusion matrix, a reliability diagram.
 
-    vit-eval ckpt_path=outputs/.../checkpoints/best.ckpt                 # its own test split
-    vit-eval ckpt_path=... split=val
-    vit-eval ckpt_path=... data=folder data.root=~/data/other-images
+vit-eval ckpt_path=outputs/.../checkpoints/best.ckpt                 # its own test split
+vit-eval ckpt_path=... split=val
+vit-eval ckpt_path=... data=folder data.root=~/data/other-images
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def build_eval_data(ckpt: Checkpoint, data_cfg: dict[str, Any] | None, split: st
             raise DataError("this checkpoint records no dataset; pass data=cifar10|folder data.root=...")
         data_cfg = dict(recorded)
     data_cfg = {k: v for k, v in data_cfg.items() if k not in ("_target_", "augment", "mix", "mean", "std")}
+    # The validation split is defined by training: carve it the same way.
+    data_cfg.update({k: recorded[k] for k in ("val_size", "seed") if k in recorded})
     data_cfg.update(img_size=list(ckpt.img_size), mean=ckpt.mean, std=ckpt.std, download=False, num_workers=0)
     dm = ImageDataModule(**data_cfg)
     if split == "test" and not dm.has_test:
@@ -63,7 +65,12 @@ def build_eval_data(ckpt: Checkpoint, data_cfg: dict[str, Any] | None, split: st
 
 @torch.inference_mode()
 def predict_logits(
-    model: torch.nn.Module, images: torch.Tensor, mean: list[float], std: list[float], batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    mean: list[float],
+    std: list[float],
+    batch_size: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """Logits (N, K) for uint8 images (N, C, H, W), in batches."""
     model = model.to(device).eval()
@@ -113,7 +120,15 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
     ax.set_ylabel("true")
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                int(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     ax.set_title("confusion matrix")
     _save(fig, path)

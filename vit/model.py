@@ -126,9 +126,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self._qkv(x)  # each (B, heads, N, head_dim)
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
-            )
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
             attn = attn.softmax(dim=-1)
@@ -300,7 +298,9 @@ class VisionTransformer(nn.Module):
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if depth < 1 or embed_dim < 1 or num_classes < 0:
-            raise ValueError(f"need depth >= 1, embed_dim >= 1, num_classes >= 0; got {depth}, {embed_dim}, {num_classes}")
+            raise ValueError(
+                f"need depth >= 1, embed_dim >= 1, num_classes >= 0; got {depth}, {embed_dim}, {num_classes}"
+            )
         for name, rate in (
             ("drop_rate", drop_rate),
             ("pos_drop_rate", pos_drop_rate),
@@ -473,7 +473,9 @@ def resample_patch_kernel(weight: torch.Tensor, new_size: tuple[int, int]) -> to
     return w.reshape(D, C, *new_size).to(weight.dtype)
 
 
-def load_timm_weights(model: VisionTransformer, state_dict_or_path: dict[str, torch.Tensor] | str | os.PathLike) -> VisionTransformer:
+def load_timm_weights(
+    model: VisionTransformer, state_dict_or_path: dict[str, torch.Tensor] | str | os.PathLike
+) -> VisionTransformer:
     """Load a timm ViT checkpoint (a state dict, or a .pth/.bin/.safetensors file) into `model`.
 
     The position embedding is resampled when the patch grid differs, the patch kernel when the

@@ -1,9 +1,9 @@
 """`vit-train`: compose the config, build data, model and Trainer, fit, test the best checkpoint.
 
-    vit-train                                   # default recipe on CIFAR-10
-    vit-train model=vit_small trainer.max_epochs=200 optim.lr=5e-4
-    vit-train data=folder data.root=~/data/cifar10-jpeg
-    vit-train -m model.depth=4,6                # a sweep
+vit-train                                   # default recipe on CIFAR-10
+vit-train model=vit_small trainer.max_epochs=200 optim.lr=5e-4
+vit-train data=folder data.root=~/data/cifar10-jpeg
+vit-train -m model.depth=4,6                # a sweep
 """
 
 from __future__ import annotations
