@@ -90,3 +90,14 @@ def cli_env() -> dict[str, str]:
     env.pop("HYDRA_FULL_ERROR", None)
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+@pytest.fixture(scope="session")
+def trained_run(folder_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained once on the generated folder dataset; its run directory."""
+    from vit.train import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=3", "optim.lr=3e-3"]
+    train(compose_train([*overrides, *TINY_MODEL, *FAST], run))
+    return run

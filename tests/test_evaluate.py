@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.conftest import FAST, TINY_MODEL, cli_env
+from tests.conftest import cli_env
 from vit.evaluate import compute_metrics
 
 
@@ -48,28 +48,6 @@ def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=cli_env()
     )
-
-
-@pytest.fixture(scope="module")
-def trained_run(folder_data, tmp_path_factory):
-    """A tiny model trained through the real CLI; its run directory."""
-    cwd = tmp_path_factory.mktemp("trained")
-    r = _run(
-        "vit.train",
-        [
-            "data=folder",
-            f"data.root={folder_data}",
-            "data.img_size=16",
-            "trainer.max_epochs=3",
-            "optim.lr=3e-3",
-            *TINY_MODEL,
-            *FAST,
-            "hydra.run.dir=run",
-        ],
-        cwd,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return cwd / "run"
 
 
 @pytest.mark.slow

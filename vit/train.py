@@ -42,6 +42,10 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
     model_kw["img_size"] = h if h == w else [h, w]
     model_kw["num_classes"] = dm.num_classes
     optim: dict[str, Any] = OmegaConf.to_container(cfg.optim, resolve=True)  # type: ignore[assignment]
+    if optim.pop("scale_lr_with_world_size", False):
+        world = int(cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1) * int(cfg.trainer.num_nodes)
+        optim["lr"] *= world
+        log.info("lr scaled by the world size %d to %g", world, optim["lr"])
     module = ViTClassifier(model=model_kw, compile=compile_, **optim)
     module.data_info = {
         "class_names": dm.class_names,
