@@ -116,10 +116,12 @@ def _corrupt_checkpoints(trained_run: Path, tmp: Path) -> dict[str, tuple[Path, 
 @pytest.mark.parametrize("kind", ["missing", "truncated", "text", "mismatched"])
 def test_bad_checkpoints_fail_cleanly(trained_run, tmp_path, kind):
     path, message = _corrupt_checkpoints(trained_run, tmp_path)[kind]
-    for module in ("vit.evaluate", "vit.attention"):
+    # Every tool reads checkpoints through vit.checkpoint; vit-attention is checked once as well.
+    modules = ["vit.evaluate", "vit.attention"] if kind == "truncated" else ["vit.evaluate"]
+    for module in modules:
         r = _run(module, [f"ckpt_path={path}", "hydra.run.dir=out", "split=val"], tmp_path)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (module, r.stderr[-2000:])
-        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.png"))
+        assert not list((tmp_path / "out").glob("*.png"))
         assert not (tmp_path / "out" / "metrics.json").exists()
 
 

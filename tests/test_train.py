@@ -168,6 +168,26 @@ def test_bad_overrides_fail_before_training_with_one_message(folder_data, tmp_pa
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))  # nothing was trained
 
 
+def test_resume_from_another_model_configuration_is_refused(trained_run, folder_data, tmp_path):
+    last = trained_run / "checkpoints" / "last.ckpt"
+    r = _cli(
+        [
+            "data=folder",
+            f"data.root={folder_data}",
+            "data.img_size=16",
+            *TINY_MODEL,
+            *FAST,
+            "model.depth=3",
+            f"ckpt_path={last}",
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "was trained with another model configuration (depth: checkpoint 2, now 3)" in r.stderr
+    r = _cli(["data=folder", f"data.root={folder_data}", f"ckpt_path={tmp_path}/missing.ckpt"], tmp_path)
+    assert r.returncode == 1 and "checkpoint not found" in r.stderr
+
+
 def test_offline_cifar_without_data_gives_clear_error(tmp_path):
     r = _cli(["data.download=false", f"data.root={tmp_path}/cifar"], tmp_path)
     assert r.returncode == 1

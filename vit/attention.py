@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from vit.checkpoint import Checkpoint, load_checkpoint
 from vit.cli import CONFIG_DIR, user_errors_exit
 from vit.data import DataError, normalize, read_image
+from vit.evaluate import build_eval_data, save_figure
 from vit.model import Attention, VisionTransformer
 
 matplotlib.use("Agg")
@@ -225,8 +226,6 @@ def _images_from_cfg(cfg: DictConfig, ckpt: Checkpoint) -> list[tuple[str, torch
             note = "" if original == tuple(ckpt.img_size) else f" (resized from {original[0]}x{original[1]})"
             out.append((Path(path).stem, img, note))
         return out
-    from vit.evaluate import build_eval_data
-
     dm = build_eval_data(ckpt, None, cfg.split)
     ds = dm.test_set if cfg.split == "test" else dm.val_set
     for i in range(min(cfg.num_images, len(ds))):
@@ -259,10 +258,7 @@ def run_attention(cfg: DictConfig) -> list[Path]:
         title = f"{name}{note}: predicted {ckpt.class_names[int(pred)]} ({float(prob):.0%})"
         fig = attention_figure(img, maps[:, 0], model, title, cfg.head_fusion, cfg.discard_ratio, grads)
         path = out / f"attention_{name}.png"
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=110)
         written.append(path)
     log.info("wrote %d figures to %s", len(written), out)
     return written

@@ -26,7 +26,7 @@ from torchmetrics.classification import (
 )
 
 from vit.checkpoint import Checkpoint, load_checkpoint
-from vit.cli import CONFIG_DIR, user_errors_exit
+from vit.cli import CONFIG_DIR, user_errors_exit, write_atomic
 from vit.data import DataError, ImageDataModule, normalize
 
 matplotlib.use("Agg")
@@ -131,7 +131,7 @@ def plot_confusion(confusion: list[list[int]], class_names: list[str], path: Pat
             )
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
     ax.set_title("confusion matrix")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_reliability(rel: dict[str, list[float]], ece: float, path: Path) -> None:
@@ -148,21 +148,15 @@ def plot_reliability(rel: dict[str, list[float]], ece: float, path: Path) -> Non
     ax.set_ylim(0, 1)
     ax.set_title(f"reliability diagram (ECE {ece:.3f})")
     ax.legend(loc="upper left")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    """Write a figure atomically: a crash never leaves a half-written PNG under the final name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip("."))
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 120) -> None:
+    """Write a figure atomically and close it."""
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".")))
+    finally:
+        plt.close(fig)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -179,7 +173,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion(metrics["confusion_matrix"], ckpt.class_names, out / "confusion_matrix.png")
     plot_reliability(metrics["reliability"], metrics["ece"], out / "reliability.png")
-    write_json(metrics, out / "metrics.json")  # last: its presence means the run completed
+    # Last: its presence means the evaluation completed.
+    write_atomic(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
 
     table = Table(title=f"{dm.name} {cfg.split}: {metrics['num_samples']} images")
     table.add_column("metric")

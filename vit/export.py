@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from vit.checkpoint import Checkpoint, load_checkpoint
-from vit.cli import CONFIG_DIR, user_errors_exit
+from vit.cli import CONFIG_DIR, user_errors_exit, write_atomic
 from vit.data import DataError, normalize, read_image
 from vit.model import VisionTransformer
 
@@ -36,15 +36,6 @@ def _export_model(ckpt: Checkpoint) -> VisionTransformer:
     model = VisionTransformer(**{**ckpt.model.config, "fused_attn": False})
     model.load_state_dict(ckpt.model.state_dict())
     return model.eval()
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export(ckpt_path: str, fmt: str, output: str | os.PathLike) -> tuple[Path, float]:
@@ -66,13 +57,13 @@ def export(ckpt_path: str, fmt: str, output: str | os.PathLike) -> tuple[Path, f
 
     if fmt == "torchscript":
         scripted = torch.jit.trace(model, example)
-        _write_atomic(out, lambda p: scripted.save(str(p)))
+        write_atomic(out, lambda p: scripted.save(str(p)))
         with torch.no_grad():
             got = torch.jit.load(str(out))(example)
     else:
         batch = torch.export.Dim("batch", min=1, max=4096)
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
-        _write_atomic(out, lambda p: program.save(str(p)))
+        write_atomic(out, lambda p: program.save(str(p)))
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -90,7 +81,7 @@ def export(ckpt_path: str, fmt: str, output: str | os.PathLike) -> tuple[Path, f
         "model_config": ckpt.model.config,
         "max_abs_diff_vs_pytorch": diff,
     }
-    _write_atomic(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2)))
+    write_atomic(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2)))
     return out, diff
 
 
@@ -143,5 +134,5 @@ def predict_main(cfg: DictConfig) -> None:
     if cfg.output:
         out = Path(cfg.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out, lambda p: p.write_text(json.dumps(results, indent=2)))
+        write_atomic(out, lambda p: p.write_text(json.dumps(results, indent=2)))
         log.info("wrote %s", out)

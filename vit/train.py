@@ -17,6 +17,7 @@ import lightning as L
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from vit.checkpoint import CheckpointError, read_checkpoint
 from vit.cli import CONFIG_DIR, user_errors_exit
 from vit.data import ImageDataModule
 from vit.model import load_timm_weights
@@ -60,6 +61,20 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
     return module
 
 
+def check_resumable(ckpt_path: str, module: ViTClassifier) -> None:
+    """Fail with one message, before training, when ckpt_path cannot continue this run."""
+    recorded = read_checkpoint(ckpt_path)["vit"]["model_config"]  # also: missing, truncated, unsafe
+    differ = {
+        k: (recorded.get(k), v) for k, v in module.net.config.items() if k != "fused_attn" and recorded.get(k) != v
+    }
+    if differ:
+        detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} was trained with another model configuration ({detail}); "
+            "resume with the same model and data overrides as the original run"
+        )
+
+
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers: list[Logger] = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -68,9 +83,13 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) as configured; returns the final metrics (floats)."""
+    if cfg.get("ckpt_path") and not os.path.isfile(cfg.ckpt_path):
+        raise CheckpointError(f"checkpoint not found: ckpt_path={cfg.ckpt_path}")
     L.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
+    if cfg.get("ckpt_path"):
+        check_resumable(cfg.ckpt_path, module)
     trainer = build_trainer(cfg)
 
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
