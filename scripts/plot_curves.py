@@ -1,6 +1,6 @@
 """Plot a run's training curves (train loss per step, val accuracy per epoch) from its CSV log.
 
-    python scripts/plot_curves.py outputs/<date>/<time> docs/curve.png [--title "..."]
+python scripts/plot_curves.py outputs/<date>/<time> docs/curve.png [--title "..."]
 """
 
 from __future__ import annotations

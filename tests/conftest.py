@@ -1,9 +1,12 @@
-"""Shared fixtures: small generated datasets (never ../shared) and composed Hydra configs."""
+"""Shared fixtures: small generated datasets (tests never read downloaded data), composed Hydra
+configs, and running the entry points as a user would."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +93,13 @@ def cli_env() -> dict[str, str]:
     env.pop("HYDRA_FULL_ERROR", None)
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+def run_module(module: str, args: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    """`python -m module args...` in cwd, as a user would run it; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env()
+    )
 
 
 @pytest.fixture(scope="session")

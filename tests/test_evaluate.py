@@ -3,15 +3,13 @@ round trip through the CLIs, and bad input (one message, exit 1, no output that 
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from tests.conftest import cli_env
+from tests.conftest import run_module
 from vit.evaluate import compute_metrics
 
 
@@ -44,17 +42,11 @@ def test_compute_metrics_matches_direct_computation():
     assert sum(m["reliability"]["count"]) == 200
 
 
-def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=cli_env()
-    )
-
-
 @pytest.mark.slow
 def test_eval_reproduces_the_runs_test_accuracy(trained_run, tmp_path):
     rows = list(csv.DictReader(open(trained_run / "csv" / "metrics.csv")))
     test_acc = float(next(r["test/acc"] for r in rows if r.get("test/acc")))
-    r = _run("vit.evaluate", [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "hydra.run.dir=eval"], tmp_path)
+    r = run_module("vit.evaluate", [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "hydra.run.dir=eval"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["top1"] == pytest.approx(test_acc, abs=1e-3)
@@ -65,7 +57,7 @@ def test_eval_reproduces_the_runs_test_accuracy(trained_run, tmp_path):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     assert "top1" in r.stdout
     # The val split is rebuilt from what the checkpoint recorded (same size as in training).
-    r = _run(
+    r = run_module(
         "vit.evaluate", [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "split=val", "hydra.run.dir=ev"], tmp_path
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -79,12 +71,12 @@ def test_attention_cli_images_and_split(trained_run, tmp_path):
     gray = tmp_path / "gray.png"
     torchvision.io.write_png(torch.randint(0, 255, (1, 16, 16), dtype=torch.uint8), str(gray))
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    r = _run(
+    r = run_module(
         "vit.attention", [f"ckpt_path={ckpt}", f"images=[{big},{gray}]", "gradient=true", "hydra.run.dir=a"], tmp_path
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == ["attention_big.png", "attention_gray.png"]
-    r = _run(
+    r = run_module(
         "vit.attention",
         [f"ckpt_path={ckpt}", "split=val", "num_images=2", "head_fusion=max", "discard_ratio=0.5", "hydra.run.dir=b"],
         tmp_path,
@@ -119,7 +111,7 @@ def test_bad_checkpoints_fail_cleanly(trained_run, tmp_path, kind):
     # Every tool reads checkpoints through vit.checkpoint; vit-attention is checked once as well.
     modules = ["vit.evaluate", "vit.attention"] if kind == "truncated" else ["vit.evaluate"]
     for module in modules:
-        r = _run(module, [f"ckpt_path={path}", "hydra.run.dir=out", "split=val"], tmp_path)
+        r = run_module(module, [f"ckpt_path={path}", "hydra.run.dir=out", "split=val"], tmp_path)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (module, r.stderr[-2000:])
         assert not list((tmp_path / "out").glob("*.png"))
         assert not (tmp_path / "out" / "metrics.json").exists()
@@ -133,6 +125,6 @@ def test_bad_images_fail_before_any_figure(trained_run, tmp_path):
     notimg = tmp_path / "notes.png"
     notimg.write_text("hello")
     for bad, message in ((tmp_path / "missing.png", "image not found"), (notimg, "cannot decode image")):
-        r = _run("vit.attention", [f"ckpt_path={ckpt}", f"images=[{good},{bad}]", "hydra.run.dir=out"], tmp_path)
+        r = run_module("vit.attention", [f"ckpt_path={ckpt}", f"images=[{good},{bad}]", "hydra.run.dir=out"], tmp_path)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert not list((tmp_path / "out").glob("*.png"))

@@ -3,30 +3,22 @@ starting from a timm checkpoint."""
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from tests.conftest import FAST, TINY_MODEL, cli_env, compose_train
+from tests.conftest import FAST, TINY_MODEL, compose_train, run_module
 from vit.model import VisionTransformer
 from vit.train import build_datamodule, build_module, train
 
 
-def _cli(args, cwd, timeout=400):
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env()
-    )
-
-
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(folder_data, tmp_path):
-    r = _cli(
+    r = run_module(
+        "vit.train",
         [
-            "vit.train",
             "trainer=ddp",
             "trainer.devices=2",
             "trainer.accelerator=cpu",
@@ -52,7 +44,9 @@ def test_ddp_two_cpu_processes(folder_data, tmp_path):
     # val/acc is synchronised over both ranks: it equals an evaluation of the whole val split.
     rows = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("val/acc")]
     best_logged = max(float(r["val/acc"]) for r in rows)
-    e = _cli(["vit.evaluate", f"ckpt_path={run}/checkpoints/best.ckpt", "split=val", "hydra.run.dir=ev"], tmp_path)
+    e = run_module(
+        "vit.evaluate", [f"ckpt_path={run}/checkpoints/best.ckpt", "split=val", "hydra.run.dir=ev"], tmp_path
+    )
     assert e.returncode == 0, e.stderr[-2000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["top1"] == pytest.approx(best_logged, abs=1e-6)
 
@@ -113,9 +107,9 @@ def test_compile_trains_and_computes_the_same_function(folder_data, tmp_path):
 
 @pytest.mark.slow
 def test_optuna_sweep_prints_best_parameters(folder_data, tmp_path):
-    r = _cli(
+    r = run_module(
+        "vit.train",
         [
-            "vit.train",
             "hparams_search=optuna",
             "hydra.sweeper.n_trials=2",
             "hydra.sweeper.sampler.n_startup_trials=2",

@@ -1,7 +1,5 @@
 """Training under Hydra: config composition, a real tiny run, resume, multirun, checkpoints, errors."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from tests.conftest import FAST, TINY_MODEL, cli_env, compose_train
+from tests.conftest import FAST, TINY_MODEL, compose_train, run_module
 from vit.checkpoint import CheckpointError, load_checkpoint, load_model
 from vit.cli import CONFIG_DIR
 from vit.model import VisionTransformer
@@ -115,20 +113,10 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(plain)
 
 
-def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vit.train", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-    )
-
-
 @pytest.mark.slow
 def test_multirun_two_jobs(folder_data, tmp_path):
-    r = _cli(
+    r = run_module(
+        "vit.train",
         [
             "-m",
             "model.depth=1,2",
@@ -161,7 +149,7 @@ def test_multirun_two_jobs(folder_data, tmp_path):
 )
 def test_bad_overrides_fail_before_training_with_one_message(folder_data, tmp_path, overrides, message):
     args = ["data=folder", f"data.root={folder_data}", "model.embed_dim=32", *FAST, *overrides]
-    r = _cli(args, tmp_path)
+    r = run_module("vit.train", args, tmp_path)
     assert r.returncode == 1
     assert f"error: {message}" in r.stderr
     assert "Traceback" not in r.stderr
@@ -170,7 +158,8 @@ def test_bad_overrides_fail_before_training_with_one_message(folder_data, tmp_pa
 
 def test_resume_from_another_model_configuration_is_refused(trained_run, folder_data, tmp_path):
     last = trained_run / "checkpoints" / "last.ckpt"
-    r = _cli(
+    r = run_module(
+        "vit.train",
         [
             "data=folder",
             f"data.root={folder_data}",
@@ -184,11 +173,13 @@ def test_resume_from_another_model_configuration_is_refused(trained_run, folder_
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "was trained with another model configuration (depth: checkpoint 2, now 3)" in r.stderr
-    r = _cli(["data=folder", f"data.root={folder_data}", f"ckpt_path={tmp_path}/missing.ckpt"], tmp_path)
+    r = run_module(
+        "vit.train", ["data=folder", f"data.root={folder_data}", f"ckpt_path={tmp_path}/missing.ckpt"], tmp_path
+    )
     assert r.returncode == 1 and "checkpoint not found" in r.stderr
 
 
 def test_offline_cifar_without_data_gives_clear_error(tmp_path):
-    r = _cli(["data.download=false", f"data.root={tmp_path}/cifar"], tmp_path)
+    r = run_module("vit.train", ["data.download=false", f"data.root={tmp_path}/cifar"], tmp_path)
     assert r.returncode == 1
     assert "CIFAR-10 (train split) is not in" in r.stderr and "data=folder" in r.stderr

@@ -133,6 +133,21 @@ def load_image_folder(
     return images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)
 
 
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units, in chunks so a
+    large dataset is never converted to float all at once."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk].double().div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square().sum(dim=(0, 2, 3))
+    n = images.numel() // images.shape[1]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp(min=0).mul(n / max(n - 1, 1)).sqrt()  # unbiased, like Tensor.std
+    return mean.tolist(), std.tolist()
+
+
 def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, val): `val_size` samples drawn per class in proportion, seeded."""
     n = len(labels)
@@ -272,9 +287,7 @@ class ImageDataModule(L.LightningDataModule):
                 self.img_size = tuple(images.shape[2:])
             train_idx, val_idx = stratified_split(labels, self.val_size, self.seed)
             if self.mean is None or self.std is None:
-                # Per-channel statistics of the training split, in [0, 1] units.
-                x = images[train_idx].float().div_(255).transpose(0, 1).reshape(3, -1)
-                self.mean, self.std = x.mean(1).tolist(), x.std(1).tolist()
+                self.mean, self.std = channel_stats(images[train_idx])
             transform = build_train_transform(self.img_size, **self.augment)
             self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], transform)
             self.val_set = TensorImageDataset(images[val_idx], labels[val_idx])
