@@ -102,7 +102,7 @@ class ViTClassifier(L.LightningModule):
     # -- optimization ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        skip = {f"{n}" for n in self.net.no_weight_decay()}
+        skip = self.net.no_weight_decay()
         decay, no_decay = [], []
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
