@@ -148,7 +148,7 @@ def test_multirun_two_jobs(folder_data, tmp_path):
     ],
 )
 def test_bad_overrides_fail_before_training_with_one_message(folder_data, tmp_path, overrides, message):
-    args = ["data=folder", f"data.root={folder_data}", "model.embed_dim=32", *FAST, *overrides]
+    args = ["data=folder", f"data.root={folder_data}", "model.embed_dim=32", "model.num_heads=2", *FAST, *overrides]
     r = run_module("vit.train", args, tmp_path)
     assert r.returncode == 1
     assert f"error: {message}" in r.stderr
@@ -177,6 +177,13 @@ def test_resume_from_another_model_configuration_is_refused(trained_run, folder_
         "vit.train", ["data=folder", f"data.root={folder_data}", f"ckpt_path={tmp_path}/missing.ckpt"], tmp_path
     )
     assert r.returncode == 1 and "checkpoint not found" in r.stderr
+
+
+def test_bad_model_override_fails_before_any_data_is_read(tmp_path):
+    # The default dataset is absent and may not be downloaded: the model error must come first.
+    r = run_module("vit.train", ["model.num_heads=5", "data.download=false", f"data.root={tmp_path}/none"], tmp_path)
+    assert r.returncode == 1 and "error: embed_dim 192 is not divisible by num_heads 5" in r.stderr
+    assert "CIFAR-10" not in r.stderr
 
 
 def test_offline_cifar_without_data_gives_clear_error(tmp_path):

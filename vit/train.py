@@ -14,16 +14,33 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from vit.checkpoint import CheckpointError, read_checkpoint
 from vit.cli import CONFIG_DIR, user_errors_exit
 from vit.data import ImageDataModule
-from vit.model import load_timm_weights
+from vit.model import VisionTransformer, load_timm_weights
 from vit.module import ViTClassifier
 
 log = logging.getLogger("vit")
+
+
+def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The network's keywords from `model.*` (without `compile` and `pretrained`)."""
+    kw: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
+    kw.pop("compile", None)
+    kw.pop("pretrained", None)
+    return kw
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    """Build the network on the meta device (no memory, no data needed) so that an invalid
+    model override fails at once, before any dataset is downloaded or decoded."""
+    img_size = cfg.data.get("img_size") or 32
+    with torch.device("meta"):
+        VisionTransformer(**model_kwargs(cfg), img_size=img_size, num_classes=10)
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
@@ -36,9 +53,9 @@ def build_datamodule(cfg: DictConfig) -> ImageDataModule:
 
 def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
     """The LightningModule; the network's img_size and num_classes come from the data."""
-    model_kw: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
-    compile_ = bool(model_kw.pop("compile", False))
-    pretrained = model_kw.pop("pretrained", None)
+    model_kw = model_kwargs(cfg)
+    compile_ = bool(cfg.model.get("compile", False))
+    pretrained = cfg.model.get("pretrained")
     h, w = dm.img_size
     model_kw["img_size"] = h if h == w else [h, w]
     model_kw["num_classes"] = dm.num_classes
@@ -85,6 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) as configured; returns the final metrics (floats)."""
     if cfg.get("ckpt_path") and not os.path.isfile(cfg.ckpt_path):
         raise CheckpointError(f"checkpoint not found: ckpt_path={cfg.ckpt_path}")
+    check_model_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm)
