@@ -251,7 +251,6 @@ class ImageDataModule(L.LightningDataModule):
         self.mix_cfg = dict(mix or {})
         self.class_names: list[str] = []
         self.train_set = self.val_set = self.test_set = None
-        self._train_images: torch.Tensor | None = None
         self.batch_mix: v2.Transform | None = None
 
     @property
