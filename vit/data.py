@@ -240,7 +240,8 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if name not in DATASETS:
             raise DataError(f"data.name must be one of {DATASETS}, got {name!r}")
-        self.name, self.root, self.download = name, root, download
+        # expanduser: a quoted "~/..." in YAML or on the command line (Hydra does not accept an unquoted ~).
+        self.name, self.root, self.download = name, os.path.expanduser(root), download
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else (tuple(img_size) if img_size else None)
         self.val_size, self.seed = val_size, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
