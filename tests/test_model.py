@@ -242,3 +242,38 @@ def test_bad_input_shape_raises_value_error(shape):
     m = VisionTransformer(**TINY)
     with pytest.raises(ValueError, match=r"expected images of shape \(batch, 3, 16, 16\), got"):
         m(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("kw", [dict(TINY), dict(TINY, class_token=False, global_pool="avg"), dict(TINY, no_embed_class=True)])
+@pytest.mark.parametrize("size", [(8, 8), (24, 12), (16, 16)])
+def test_dynamic_img_size_matches_timm(kw, size):
+    kw = dict(kw, dynamic_img_size=True)
+    ours, theirs = _pair(kw)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.eval(), theirs.eval()
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
+
+
+def test_dynamic_sincos_positions_are_patch_centres_in_the_built_grid():
+    same = sincos_pos_embed_2d((4, 4), 32, base_grid=(4, 4))
+    torch.testing.assert_close(same, sincos_pos_embed_2d((4, 4), 32))
+    # A 2x2 grid over a model built for 4x4: each patch sits at the centre of the 2x2 block of
+    # built patches it covers, at 0.5 and 2.5 on each axis.
+    coarse = sincos_pos_embed_2d((2, 2), 32, base_grid=(4, 4))
+    omega = 1.0 / 10000.0 ** (torch.arange(8) / 8)
+    for row, (y, x) in enumerate([(0.5, 0.5), (0.5, 2.5), (2.5, 0.5), (2.5, 2.5)]):
+        want = torch.cat([(y * omega).sin(), (y * omega).cos(), (x * omega).sin(), (x * omega).cos()])
+        torch.testing.assert_close(coarse[row], want)
+    m = VisionTransformer(**dict(TINY, pos_embed="sincos", dynamic_img_size=True)).eval()
+    x = _images(TINY)
+    strict = VisionTransformer(**dict(TINY, pos_embed="sincos"))
+    strict.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x), strict.eval()(x))  # at the built size: the same function
+    assert m(torch.randn(3, 3, 8, 8)).shape == (3, 5)
+
+
+def test_dynamic_img_size_still_rejects_sizes_the_patch_does_not_tile():
+    m = VisionTransformer(**dict(TINY, dynamic_img_size=True))
+    with pytest.raises(ValueError, match=r"multiples of the patch size \(4, 4\), got \(2, 3, 10, 16\)"):
+        m(torch.randn(2, 3, 10, 16))

@@ -52,8 +52,10 @@ class PatchEmbed(nn.Module):
         in_chans: int = 3,
         embed_dim: int = 768,
         bias: bool = True,
+        strict_img_size: bool = True,
     ) -> None:
         super().__init__()
+        self.strict_img_size = strict_img_size  # False: any size that the patch tiles (dynamic_img_size)
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
         for side, (i, p) in zip(("height", "width"), zip(self.img_size, self.patch_size)):
@@ -69,11 +71,17 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
+        if self.strict_img_size:
+            if x.ndim != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != self.img_size:
+                raise ValueError(
+                    f"expected images of shape (batch, {self.in_chans}, {self.img_size[0]}, "
+                    f"{self.img_size[1]}), got {tuple(x.shape)}; resize the input or build the model "
+                    f"with matching img_size / in_chans (or dynamic_img_size=True)"
+                )
+        elif x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] % self.patch_size[0] or x.shape[3] % self.patch_size[1]:
             raise ValueError(
-                f"expected images of shape (batch, {self.in_chans}, {self.img_size[0]}, "
-                f"{self.img_size[1]}), got {tuple(x.shape)}; resize the input or build the model "
-                f"with matching img_size / in_chans"
+                f"expected images of shape (batch, {self.in_chans}, H, W) with H, W multiples of the "
+                f"patch size {self.patch_size}, got {tuple(x.shape)}"
             )
         x = self.proj(x)  # (B, D, gh, gw)
         return x.flatten(2).transpose(1, 2)  # (B, gh*gw, D), row-major over the grid
@@ -219,16 +227,28 @@ class Block(nn.Module):
         return x
 
 
-def sincos_pos_embed_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_pos_embed_2d(
+    grid_size: tuple[int, int],
+    dim: int,
+    temperature: float = 10000.0,
+    base_grid: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding, (gh*gw, dim), row-major like the patches.
 
     A quarter of the channels each for sin(y), cos(y), sin(x), cos(x) (MAE / "Simple ViT").
+    Positions count patches of `base_grid` (default: the grid itself); on another grid each patch
+    takes the position of its centre in base-grid units, so a 16 px image and a 32 px image of the
+    same scene give each region the same code (as resizing a learned embedding would).
     """
     if dim % 4 != 0:
         raise ValueError(f"pos_embed='sincos' needs embed_dim divisible by 4, got {dim}")
     gh, gw = grid_size
-    y, x = torch.meshgrid(torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32), indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (dim/4,)
+    bh, bw = base_grid or grid_size
+    ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) * (bh / gh) - 0.5
+    xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) * (bw / gw) - 0.5
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))  # (dim/4,)
     y = y.flatten()[:, None] * omega[None, :]  # (N, dim/4)
     x = x.flatten()[:, None] * omega[None, :]
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
@@ -264,6 +284,7 @@ class VisionTransformer(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        dynamic_img_size: bool = False,
         fused_attn: bool = True,
     ) -> None:
         super().__init__()
@@ -289,6 +310,7 @@ class VisionTransformer(nn.Module):
             "proj_drop_rate": proj_drop_rate,
             "attn_drop_rate": attn_drop_rate,
             "drop_path_rate": drop_path_rate,
+            "dynamic_img_size": dynamic_img_size,
             "fused_attn": fused_attn,
         }
         if global_pool not in GLOBAL_POOLS:
@@ -317,8 +339,9 @@ class VisionTransformer(nn.Module):
         self.num_features = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
         self.no_embed_class = no_embed_class
+        self.dynamic_img_size = dynamic_img_size
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
@@ -375,24 +398,41 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token"}
 
     # -- forward ---------------------------------------------------------------------------
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """The position embedding for a patch grid other than the one the model was built for
+        (dynamic_img_size): learned positions are resized bicubically as timm does; sin-cos ones
+        are computed for the new grid, in the built grid's units."""
+        pe, built = self.pos_embed, self.patch_embed.grid_size
+        if pe is None or tuple(grid) == built:
+            return pe
+        prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+        if isinstance(pe, nn.Parameter):
+            return resample_pos_embed(pe, grid, prefix, old_grid=built)
+        new = sincos_pos_embed_2d(grid, self.embed_dim, base_grid=built, device=pe.device).to(pe.dtype)
+        return torch.cat([pe[0, :prefix], new])[None]
+
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, N, D) patch tokens -> (B, prefix + N, D) with class token and positions."""
         cls = self.cls_token.expand(x.shape[0], -1, -1) if self.cls_token is not None else None
+        pos_embed = self._pos_embed_for(grid) if grid is not None else self.pos_embed
         if self.no_embed_class:
-            if self.pos_embed is not None:
-                x = x + self.pos_embed
+            if pos_embed is not None:
+                x = x + pos_embed
             if cls is not None:
                 x = torch.cat([cls, x], dim=1)
         else:
             if cls is not None:
                 x = torch.cat([cls, x], dim=1)
-            if self.pos_embed is not None:
-                x = x + self.pos_embed
+            if pos_embed is not None:
+                x = x + pos_embed
         return self.pos_drop(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        grid = None
+        if self.dynamic_img_size:
+            grid = (x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1])
         x = self.patch_embed(x)  # (B, N, D)
-        x = self._pos_embed(x)  # (B, prefix + N, D)
+        x = self._pos_embed(x, grid)  # (B, prefix + N, D)
         x = self.blocks(x)
         return self.norm(x)
 
