@@ -190,3 +190,54 @@ def test_offline_cifar_without_data_gives_clear_error(tmp_path):
     r = run_module("vit.train", ["data.download=false", f"data.root={tmp_path}/cifar"], tmp_path)
     assert r.returncode == 1
     assert "CIFAR-10 (train split) is not in" in r.stderr and "data=folder" in r.stderr
+
+
+def test_schedule_by_time_ends_the_decay_when_the_budget_ends(folder_data, tmp_path):
+    # max_epochs is out of reach, so only the 4-second budget can stop the run; with the time-aware
+    # schedule the last step's learning rate is at the floor (min_lr_ratio) instead of near the top.
+    common = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=100000",
+              "trainer.max_time=00:00:00:04", "trainer.log_every_n_steps=1", "optim.warmup_epochs=0",
+              "optim.min_lr_ratio=0", "optim.lr=1e-3", *TINY_MODEL, *FAST]
+    timed = train(compose_train([*common, "optim.schedule_by_time=true"], tmp_path / "timed"))
+    by_steps = train(compose_train(common, tmp_path / "steps"))
+    assert timed["lr-AdamW/pg1"] < 0.05 * 1e-3, timed
+    assert by_steps["lr-AdamW/pg1"] > 0.95 * 1e-3, by_steps
+
+
+def test_img_size_schedule_trains_small_then_full_size_and_validates_at_full_size(folder_data, tmp_path):
+    from vit.train import build_datamodule, build_module, build_trainer
+
+    cfg = compose_train(
+        ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=2",
+         "model.dynamic_img_size=true", "optim.img_size_schedule=[[0,8],[0.5,16]]", "test=false",
+         *TINY_MODEL, *FAST],
+        tmp_path,
+    )
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm)
+    trainer = build_trainer(cfg)
+    seen: list[tuple[bool, int]] = []
+    module.net.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    trainer.fit(module, datamodule=dm)
+    train_sizes = [size for training, size in seen if training]
+    steps = trainer.global_step  # 120 - 30 val = 90 images at 16 a batch: 5 steps an epoch, 10 in all
+    assert train_sizes == [8] * (steps // 2) + [16] * (steps - steps // 2)
+    assert {size for training, size in seen if not training} == {16}
+    # Checkpoints rebuild the full-size model.
+    assert load_model(tmp_path / "checkpoints" / "last.ckpt")(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.img_size_schedule=[[0,8]]"], "needs model.dynamic_img_size=true"),
+        (["model.dynamic_img_size=true", "optim.img_size_schedule=[[0,6]]"], "multiples of the patch size"),
+        (["model.dynamic_img_size=true", "optim.img_size_schedule=[[0.2,8]]"], "must start at fraction 0"),
+        (["model.dynamic_img_size=true", "optim.img_size_schedule=[8,16]"], "are [fraction, size] pairs"),
+        (["optim.schedule_by_time=true"], "needs a time budget: set trainer.max_time"),
+    ],
+)
+def test_bad_schedule_overrides_fail_before_any_data_is_read(tmp_path, overrides, message):
+    r = run_module("vit.train", ["data=folder", "data.root=/does/not/exist", *TINY_MODEL, *overrides], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert message in r.stderr, r.stderr

@@ -2,7 +2,7 @@
 
 vit-train                                   # default recipe on CIFAR-10
 vit-train model=vit_small trainer.max_epochs=200 optim.lr=5e-4
-vit-train data=folder data.root=~/data/cifar10-jpeg
+vit-train data=folder data.root=$HOME/data/cifar10-jpeg
 vit-train -m model.depth=4,6                # a sweep
 """
 
@@ -22,7 +22,7 @@ from vit.checkpoint import CheckpointError, read_checkpoint
 from vit.cli import CONFIG_DIR, user_errors_exit
 from vit.data import ImageDataModule
 from vit.model import VisionTransformer, load_timm_weights
-from vit.module import ViTClassifier
+from vit.module import ViTClassifier, check_img_size_schedule
 
 log = logging.getLogger("vit")
 
@@ -36,11 +36,17 @@ def model_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_model_config(cfg: DictConfig) -> None:
-    """Build the network on the meta device (no memory, no data needed) so that an invalid
-    model override fails at once, before any dataset is downloaded or decoded."""
+    """Build the network on the meta device (no memory, no data needed) and check the schedule
+    options against it, so that an invalid override fails at once, before any dataset is
+    downloaded or decoded."""
     img_size = cfg.data.get("img_size") or 32
     with torch.device("meta"):
-        VisionTransformer(**model_kwargs(cfg), img_size=img_size, num_classes=10)
+        net = VisionTransformer(**model_kwargs(cfg), img_size=img_size, num_classes=10)
+    optim = cfg.get("optim") or {}
+    schedule = optim.get("img_size_schedule")
+    check_img_size_schedule(OmegaConf.to_container(schedule) if schedule else None, net)
+    if optim.get("schedule_by_time") and not cfg.trainer.get("max_time"):
+        raise ValueError("optim.schedule_by_time=true needs a time budget: set trainer.max_time (DD:HH:MM:SS)")
 
 
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
