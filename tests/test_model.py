@@ -277,3 +277,37 @@ def test_dynamic_img_size_still_rejects_sizes_the_patch_does_not_tile():
     m = VisionTransformer(**dict(TINY, dynamic_img_size=True))
     with pytest.raises(ValueError, match=r"multiples of the patch size \(4, 4\), got \(2, 3, 10, 16\)"):
         m(torch.randn(2, 3, 10, 16))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kw", [dict(TINY), dict(TINY, qkv_bias=False, init_values=0.1), dict(TINY, no_embed_class=True)])
+def test_class_token_forward_equals_the_full_forward(kw, fused):
+    # forward() computes only the class token in the last block; the full path must agree,
+    # in values and in gradients.
+    torch.manual_seed(0)
+    m = VisionTransformer(**kw, fused_attn=fused)
+    x = _images(kw)
+    full = m.forward_head(m.forward_features(x))
+    pruned = m(x)
+    torch.testing.assert_close(pruned, full, atol=1e-6, rtol=0)
+    g_full = torch.autograd.grad(full.square().sum(), list(m.parameters()))
+    g_pruned = torch.autograd.grad(pruned.square().sum(), list(m.parameters()))
+    for (name, _), a, b in zip(m.named_parameters(), g_pruned, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    # The last block's attention really runs on one query: its projection sees (B, 1, D).
+    seen = []
+    m.blocks[-1].attn.proj.register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
+    m(x)
+    assert seen == [(3, 1, 32)]
+
+
+def test_class_token_forward_with_drop_path_uses_the_same_random_stream_as_timm():
+    kw = dict(TINY, depth=3, drop_path_rate=0.3)
+    ours, theirs = _pair(kw)
+    theirs.load_state_dict(ours.state_dict())
+    x = _images(kw)
+    torch.manual_seed(5)
+    a = ours.train()(x)
+    torch.manual_seed(5)
+    b = theirs.train()(x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

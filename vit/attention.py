@@ -74,7 +74,9 @@ def attention_maps(model: VisionTransformer, images: torch.Tensor) -> torch.Tens
     model.eval()
     try:
         with torch.no_grad(), _recording(model) as maps:
-            model(images)
+            # forward_features: every token of every block (the class-token-only last block of
+            # `forward` would give one row of the last map).
+            model.forward_head(model.forward_features(images))
     finally:
         model.train(was_training)
     return torch.stack(maps)
@@ -91,7 +93,7 @@ def attention_maps_and_grads(
     model.eval()
     try:
         with torch.enable_grad(), _recording(model, keep_grad=True) as maps:
-            logits = model(images)
+            logits = model.forward_head(model.forward_features(images))  # full maps, as above
             if target is None:
                 target = logits.argmax(dim=1)
             target = torch.as_tensor(target, device=logits.device).expand(len(images))

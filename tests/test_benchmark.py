@@ -1,0 +1,24 @@
+"""scripts/benchmark.py runs end to end on a tiny configuration and reports what it measured."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO, cli_env
+
+
+def test_benchmark_runs_and_counts_fewer_flops_for_our_class_token_forward(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--img-size", "16", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--batch-size", "8",
+            "--rounds", "1", "--steps", "1", "--warmup", "0", "--json", str(out)]
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"ours", "timm"}
+    assert all(row["train_img_s"] > 0 and row["infer_img_s"] > 0 for row in rows.values())
+    # The last of 2 blocks computes queries, projection and MLP for 1 of 17 tokens: fewer FLOPs.
+    assert rows["ours"]["train_gflop_per_step"] < 0.8 * rows["timm"]["train_gflop_per_step"]
+    assert rows["ours"]["memory_mib"] < rows["timm"]["memory_mib"]
+    assert "| ours |" in r.stdout and "| timm |" in r.stdout
