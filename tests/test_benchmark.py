@@ -9,10 +9,34 @@ from tests.conftest import REPO, cli_env
 
 def test_benchmark_runs_and_counts_fewer_flops_for_our_class_token_forward(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--img-size", "16", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--batch-size", "8",
-            "--rounds", "1", "--steps", "1", "--warmup", "0", "--json", str(out)]
-    r = subprocess.run([sys.executable, "scripts/benchmark.py", *args], cwd=REPO, capture_output=True, text=True,
-                       timeout=300, env=cli_env())
+    args = [
+        "--img-size",
+        "16",
+        "--embed-dim",
+        "32",
+        "--depth",
+        "2",
+        "--num-heads",
+        "2",
+        "--batch-size",
+        "8",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        str(out),
+    ]
+    r = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env(),
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     rows = {row["model"]: row for row in result["rows"]}

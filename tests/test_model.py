@@ -244,7 +244,9 @@ def test_bad_input_shape_raises_value_error(shape):
         m(torch.randn(*shape))
 
 
-@pytest.mark.parametrize("kw", [dict(TINY), dict(TINY, class_token=False, global_pool="avg"), dict(TINY, no_embed_class=True)])
+@pytest.mark.parametrize(
+    "kw", [dict(TINY), dict(TINY, class_token=False, global_pool="avg"), dict(TINY, no_embed_class=True)]
+)
 @pytest.mark.parametrize("size", [(8, 8), (24, 12), (16, 16)])
 def test_dynamic_img_size_matches_timm(kw, size):
     kw = dict(kw, dynamic_img_size=True)
@@ -280,7 +282,9 @@ def test_dynamic_img_size_still_rejects_sizes_the_patch_does_not_tile():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("kw", [dict(TINY), dict(TINY, qkv_bias=False, init_values=0.1), dict(TINY, no_embed_class=True)])
+@pytest.mark.parametrize(
+    "kw", [dict(TINY), dict(TINY, qkv_bias=False, init_values=0.1), dict(TINY, no_embed_class=True)]
+)
 def test_class_token_forward_equals_the_full_forward(kw, fused):
     # forward() computes only the class token in the last block; the full path must agree,
     # in values and in gradients.

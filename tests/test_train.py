@@ -195,9 +195,19 @@ def test_offline_cifar_without_data_gives_clear_error(tmp_path):
 def test_schedule_by_time_ends_the_decay_when_the_budget_ends(folder_data, tmp_path):
     # max_epochs is out of reach, so only the 4-second budget can stop the run; with the time-aware
     # schedule the last step's learning rate is at the floor (min_lr_ratio) instead of near the top.
-    common = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=100000",
-              "trainer.max_time=00:00:00:04", "trainer.log_every_n_steps=1", "optim.warmup_epochs=0",
-              "optim.min_lr_ratio=0", "optim.lr=1e-3", *TINY_MODEL, *FAST]
+    common = [
+        "data=folder",
+        f"data.root={folder_data}",
+        "data.img_size=16",
+        "trainer.max_epochs=100000",
+        "trainer.max_time=00:00:00:04",
+        "trainer.log_every_n_steps=1",
+        "optim.warmup_epochs=0",
+        "optim.min_lr_ratio=0",
+        "optim.lr=1e-3",
+        *TINY_MODEL,
+        *FAST,
+    ]
     timed = train(compose_train([*common, "optim.schedule_by_time=true"], tmp_path / "timed"))
     by_steps = train(compose_train(common, tmp_path / "steps"))
     assert timed["lr-AdamW/pg1"] < 0.05 * 1e-3, timed
@@ -208,9 +218,17 @@ def test_img_size_schedule_trains_small_then_full_size_and_validates_at_full_siz
     from vit.train import build_datamodule, build_module, build_trainer
 
     cfg = compose_train(
-        ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=2",
-         "model.dynamic_img_size=true", "optim.img_size_schedule=[[0,8],[0.5,16]]", "test=false",
-         *TINY_MODEL, *FAST],
+        [
+            "data=folder",
+            f"data.root={folder_data}",
+            "data.img_size=16",
+            "trainer.max_epochs=2",
+            "model.dynamic_img_size=true",
+            "optim.img_size_schedule=[[0,8],[0.5,16]]",
+            "test=false",
+            *TINY_MODEL,
+            *FAST,
+        ],
         tmp_path,
     )
     dm = build_datamodule(cfg)

@@ -78,7 +78,12 @@ class PatchEmbed(nn.Module):
                     f"{self.img_size[1]}), got {tuple(x.shape)}; resize the input or build the model "
                     f"with matching img_size / in_chans (or dynamic_img_size=True)"
                 )
-        elif x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] % self.patch_size[0] or x.shape[3] % self.patch_size[1]:
+        elif (
+            x.ndim != 4
+            or x.shape[1] != self.in_chans
+            or x.shape[2] % self.patch_size[0]
+            or x.shape[3] % self.patch_size[1]
+        ):
             raise ValueError(
                 f"expected images of shape (batch, {self.in_chans}, H, W) with H, W multiples of the "
                 f"patch size {self.patch_size}, got {tuple(x.shape)}"
