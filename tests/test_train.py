@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from lightning.fabric.utilities.throughput import measure_flops
 
 from tests.conftest import FAST, TINY_MODEL, compose_train, run_module
 from vit.checkpoint import CheckpointError, load_checkpoint, load_model
@@ -236,10 +238,25 @@ def test_img_size_schedule_trains_small_then_full_size_and_validates_at_full_siz
     trainer = build_trainer(cfg)
     seen: list[tuple[bool, int]] = []
     module.net.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[-1])))
+    flops: list[int] = []
+
+    class ReadFlops(L.Callback):  # reads what ThroughputMonitor reads after each step
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            flops.append(pl_module.flops_per_batch)
+
+    trainer.callbacks.append(ReadFlops())
     trainer.fit(module, datamodule=dm)
     train_sizes = [size for training, size in seen if training]
     steps = trainer.global_step  # 120 - 30 val = 90 images at 16 a batch: 5 steps an epoch, 10 in all
     assert train_sizes == [8] * (steps // 2) + [16] * (steps - steps // 2)
+    # The FLOP count follows the size: 16 patch tokens + class token at 8 px, 64 + 1 at 16 px.
+    with torch.device("meta"):
+        net = VisionTransformer(**module.net.config)
+    at = {
+        s: measure_flops(net, lambda s=s: net(torch.empty(16, 3, s, s, device="meta")), torch.Tensor.sum)
+        for s in (8, 16)
+    }
+    assert at[8] < at[16] and flops == [at[size] for size in train_sizes]
     assert {size for training, size in seen if not training} == {16}
     # Checkpoints rebuild the full-size model.
     assert load_model(tmp_path / "checkpoints" / "last.ckpt")(torch.zeros(1, 3, 16, 16)).shape == (1, 3)
@@ -259,3 +276,18 @@ def test_bad_schedule_overrides_fail_before_any_data_is_read(tmp_path, overrides
     r = run_module("vit.train", ["data=folder", "data.root=/does/not/exist", *TINY_MODEL, *overrides], tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert message in r.stderr, r.stderr
+
+
+def test_resume_accepts_a_checkpoint_from_before_dynamic_img_size(trained_run, tmp_path):
+    from vit.module import ViTClassifier
+    from vit.train import check_resumable
+
+    raw = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    config = dict(raw["vit"]["model_config"])
+    del raw["vit"]["model_config"]["dynamic_img_size"]  # as written before the option existed
+    old = tmp_path / "old.ckpt"
+    torch.save(raw, old)
+    check_resumable(str(old), ViTClassifier(model=config))  # missing key = its default: accepted
+    check_resumable(str(old), ViTClassifier(model=dict(config, dynamic_img_size=True)))  # a runtime switch
+    with pytest.raises(CheckpointError, match="depth: checkpoint 2, now 3"):
+        check_resumable(str(old), ViTClassifier(model=dict(config, depth=3)))

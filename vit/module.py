@@ -78,14 +78,24 @@ class ViTClassifier(L.LightningModule):
         self._time_fraction = 0.0
 
     def setup(self, stage: str) -> None:
+        full = tuple(self.net.patch_embed.img_size)
+        self._train_hw, self._flops_by_hw = full, {}
         if stage == "fit" and self.trainer is not None and self.trainer.datamodule is not None:
-            # Training FLOPs of one batch (forward + backward), counted on the meta device: lets
-            # Lightning's ThroughputMonitor report achieved FLOP/s beside images/second.
-            dm = self.trainer.datamodule
+            # Training FLOPs of one batch (forward + backward) at every training size, counted on
+            # the meta device now: ThroughputMonitor reads flops_per_batch under inference mode,
+            # where no backward can run.
+            batch, chans = self.trainer.datamodule.batch_size, self.net.patch_embed.in_chans
             with torch.device("meta"):
                 net = VisionTransformer(**self.net.config)
-                x = torch.empty(dm.batch_size, self.net.patch_embed.in_chans, *self.net.patch_embed.img_size)
-            self.flops_per_batch = measure_flops(net, lambda: net(x), lambda y: y.sum())
+            for hw in {full, *((sz, sz) for _, sz in self.img_size_schedule)}:
+                x = torch.empty(batch, chans, *hw, device="meta")
+                self._flops_by_hw[hw] = measure_flops(net, lambda x=x: net(x), lambda y: y.sum())
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the last training batch at the size it ran at (img_size_schedule changes it):
+        Lightning's ThroughputMonitor reads this every step to report achieved FLOP/s."""
+        return getattr(self, "_flops_by_hw", {}).get(getattr(self, "_train_hw", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._compiled(x) if self._compiled is not None else self.net(x)
@@ -103,6 +113,7 @@ class ViTClassifier(L.LightningModule):
         if size is not None and size != x.shape[-1]:
             # Downscale the whole batch (antialiased), so early steps see fewer patch tokens.
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        self._train_hw = tuple(x.shape[-2:])
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         if not torch.isfinite(loss):
