@@ -1,15 +1,17 @@
 """Training under Hydra: config composition, a real tiny run, resume, multirun, checkpoints, errors."""
 
+import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from lightning.fabric.utilities.throughput import measure_flops
 
-from tests.conftest import FAST, TINY_MODEL, compose_train, run_module
+from tests.conftest import FAST, TINY_MODEL, compose_train, run_module, write_cifar_pickles, write_folder
 from vit.checkpoint import CheckpointError, load_checkpoint, load_model
 from vit.cli import CONFIG_DIR
 from vit.model import VisionTransformer
@@ -62,6 +64,30 @@ def test_fast_dev_run(folder_data, tmp_path):
     )
     metrics = train(cfg)
     assert "train/loss_step" in metrics
+
+
+# Each preset with the data it is written for, generated small: the real model shape, augmentation,
+# batch mixing, precision and schedules run one training, validation and test batch.
+PRESET_DATA = {
+    "cpu_30min": lambda root: ["data=folder", f"data.root={write_folder(root)}", "data.val_size=30"],
+    "cifar10_best": lambda root: [f"data.root={write_cifar_pickles(root)}", "data.download=false", "data.val_size=50"],
+}
+
+
+def test_every_preset_has_a_training_test():
+    assert sorted(PRESET_DATA) == _options("experiment")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_DATA))
+def test_preset_trains_a_batch(preset, tmp_path, monkeypatch):
+    # Generated CIFAR pickles cannot match torchvision's md5 list; the rest is torchvision's code.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    overrides = [f"experiment={preset}", *PRESET_DATA[preset](tmp_path / "data"), "data.num_workers=0"]
+    overrides += ["data.batch_size=16", "trainer.max_epochs=1", "callbacks.progress=null"]
+    overrides += [f"trainer.limit_{s}_batches=1" for s in ("train", "val", "test")]
+    metrics = train(compose_train(overrides, tmp_path / "run"))
+    assert math.isfinite(metrics["train/loss_epoch"]) and 0 <= metrics["test/acc"] <= 1
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
 
 
 @pytest.mark.slow
