@@ -1,10 +1,12 @@
 """Data: folder and CIFAR-pickle loading, the stratified split, augmentation, bad datasets."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
+from torchvision.transforms import v2
 
 from tests.conftest import write_cifar_pickles, write_folder
 from vit.data import (
@@ -14,6 +16,7 @@ from vit.data import (
     build_train_transform,
     load_cifar10,
     load_image_folder,
+    random_crop_flip,
     stratified_split,
 )
 
@@ -75,6 +78,56 @@ def test_train_transform_keeps_shape_and_dtype():
     assert build_train_transform((16, 16), crop_padding=0, hflip=False) is None
     with pytest.raises(DataError, match="auto_augment"):
         build_train_transform((16, 16), auto_augment="autoaug2000")
+
+
+def _window(padded: torch.Tensor, out: torch.Tensor, pad: int) -> tuple[int, int, bool] | None:
+    """The (row, col, flipped) window of `padded` that `out` is, or None."""
+    h, w = out.shape[-2:]
+    for i in range(2 * pad + 1):
+        for j in range(2 * pad + 1):
+            win = padded[:, i : i + h, j : j + w]
+            for flipped in (False, True):
+                if torch.equal(out, win.flip(-1) if flipped else win):
+                    return i, j, flipped
+    return None
+
+
+def test_random_crop_flip_draws_a_window_per_image():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (600, 3, 8, 6), dtype=torch.uint8)
+    out = random_crop_flip(x, padding=2, hflip=True)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    # Each image is a window of its own reflect-padded copy, as v2.RandomCrop + flip would give ...
+    padded = v2.functional.pad(x, [2], padding_mode="reflect")
+    windows = [_window(padded[b], out[b], 2) for b in range(len(x))]
+    assert None not in windows
+    # ... and the windows are drawn per image: all 5 x 5 offsets and both flips occur, flips ~half.
+    assert {(i, j) for i, j, _ in windows} == {(i, j) for i in range(5) for j in range(5)}
+    assert 0.4 < sum(f for *_, f in windows) / len(windows) < 0.6
+    assert torch.equal(random_crop_flip(x, padding=0, hflip=False), x)
+    flipped_only = random_crop_flip(x.float(), padding=0, hflip=True)
+    assert all(torch.equal(o, a) or torch.equal(o, a.flip(-1)) for o, a in zip(flipped_only, x.float()))
+
+
+def test_on_batch_moves_crop_and_flip_from_the_loader_to_training_batches(folder_data):
+    augment = {"crop_padding": 4, "hflip": True, "on_batch": True}
+    dm = ImageDataModule(name="folder", root=str(folder_data), img_size=16, val_size=12, batch_size=8, augment=augment)
+    dm.setup("fit")
+    assert dm.train_set.transform is None  # nothing left to do per image
+    images, labels = next(iter(dm.train_dataloader()))
+    # The loader hands over the stored images untouched.
+    assert all(any(torch.equal(img, stored) for stored in dm.train_set.images) for img in images)
+    torch.manual_seed(1)
+    dm.trainer = SimpleNamespace(training=False)  # validation and test batches are left as they are
+    out, _ = dm.on_after_batch_transfer((images, labels), 0)
+    torch.testing.assert_close(out, dm.normalize(images))
+    dm.trainer = SimpleNamespace(training=True)
+    out, _ = dm.on_after_batch_transfer((images, labels), 0)
+    assert not torch.allclose(out, dm.normalize(images))
+    padded = v2.functional.pad(images, [4], padding_mode="reflect")
+    std, mean = torch.tensor(dm.std).view(3, 1, 1), torch.tensor(dm.mean).view(3, 1, 1)
+    uint8 = ((out * std + mean) * 255).round().to(torch.uint8)
+    assert all(_window(padded[b], uint8[b], 4) is not None for b in range(len(images)))
 
 
 def test_batch_mix_gives_soft_targets_that_sum_to_one():
