@@ -78,6 +78,9 @@ def test_train_transform_keeps_shape_and_dtype():
     assert build_train_transform((16, 16), crop_padding=0, hflip=False) is None
     with pytest.raises(DataError, match="auto_augment"):
         build_train_transform((16, 16), auto_augment="autoaug2000")
+    for bad in (16, -1):
+        with pytest.raises(DataError, match=rf"crop_padding={bad} must be in \[0, 16\)"):
+            build_train_transform((16, 16), crop_padding=bad, on_batch=True)
 
 
 def _window(padded: torch.Tensor, out: torch.Tensor, pad: int) -> tuple[int, int, bool] | None:

@@ -189,6 +189,11 @@ def build_train_transform(
     With `on_batch`, the crop and flip are left out here: `random_crop_flip` applies them to whole
     batches on the device instead (after the per-image ops that remain).
     """
+    if not 0 <= crop_padding < min(img_size):
+        raise DataError(
+            f"data.augment.crop_padding={crop_padding} must be in [0, {min(img_size)}) for {list(img_size)} images "
+            "(reflect padding takes at most image size - 1 pixels)"
+        )
     ops: list[v2.Transform] = []
     if crop_padding and not on_batch:
         ops.append(v2.RandomCrop(list(img_size), padding=crop_padding, padding_mode="reflect"))
