@@ -141,11 +141,12 @@ def data_pipeline_rate(root: str | None, batch_size: int, num_workers: int, batc
         dm = ImageDataModule(name="folder", root=root, num_workers=num_workers, batch_size=batch_size)
     else:
         dm = ImageDataModule(name="folder", root="unused", num_workers=num_workers, batch_size=batch_size)
-        from vit.data import TensorImageDataset, build_train_transform
+        from vit.data import Augment, BatchPipeline, TensorImageDataset, build_train_transform
 
         images = torch.randint(0, 256, (45000, 3, 32, 32), dtype=torch.uint8)
-        dm.train_set = TensorImageDataset(images, torch.randint(0, 10, (45000,)), build_train_transform((32, 32)))
-        dm.mean, dm.std = [0.5] * 3, [0.25] * 3
+        transform = build_train_transform((32, 32), Augment(crop_padding=4, hflip=True))
+        dm.train_set = TensorImageDataset(images, torch.randint(0, 10, (45000,)), transform)
+        dm.pipeline = BatchPipeline(mean=[0.5] * 3, std=[0.25] * 3)
     dm.setup("fit")
     loader = iter(dm.train_dataloader())
     next(loader)

@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from vit.cli import CONFIG_DIR
+from vit.config import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to train in seconds on 2 cores, big enough to learn.

@@ -10,6 +10,7 @@ from torchvision.transforms import v2
 
 from tests.conftest import write_cifar_pickles, write_folder
 from vit.data import (
+    Augment,
     DataError,
     ImageDataModule,
     build_batch_mix,
@@ -71,16 +72,18 @@ def test_stratified_split_is_seeded_disjoint_and_proportional():
 
 
 def test_train_transform_keeps_shape_and_dtype():
-    t = build_train_transform((16, 16), crop_padding=4, hflip=True, auto_augment="trivialaugment", random_erasing=0.5)
+    augment = Augment(crop_padding=4, hflip=True, auto_augment="trivialaugment", random_erasing=0.5)
+    t = build_train_transform((16, 16), augment)
     x = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)
     y = t(x)
     assert y.shape == (3, 16, 16) and y.dtype == torch.uint8
-    assert build_train_transform((16, 16), crop_padding=0, hflip=False) is None
+    assert build_train_transform((16, 16), Augment()) is None  # every augmentation is off unless asked for
+    assert build_train_transform((16, 16), Augment(crop_padding=4, hflip=True, on_batch=True)) is None
     with pytest.raises(DataError, match="auto_augment"):
-        build_train_transform((16, 16), auto_augment="autoaug2000")
+        build_train_transform((16, 16), Augment(auto_augment="autoaug2000"))
     for bad in (16, -1):
         with pytest.raises(DataError, match=rf"crop_padding={bad} must be in \[0, 16\)"):
-            build_train_transform((16, 16), crop_padding=bad, on_batch=True)
+            build_train_transform((16, 16), Augment(crop_padding=bad, on_batch=True))
 
 
 def _window(padded: torch.Tensor, out: torch.Tensor, pad: int) -> tuple[int, int, bool] | None:
@@ -121,12 +124,12 @@ def test_on_batch_moves_crop_and_flip_from_the_loader_to_training_batches(folder
     # The loader hands over the stored images untouched.
     assert all(any(torch.equal(img, stored) for stored in dm.train_set.images) for img in images)
     torch.manual_seed(1)
-    dm.trainer = SimpleNamespace(training=False)  # validation and test batches are left as they are
+    dm.trainer = SimpleNamespace(training=False, callbacks=[])  # validation and test batches are left as they are
     out, _ = dm.on_after_batch_transfer((images, labels), 0)
-    torch.testing.assert_close(out, dm.normalize(images))
-    dm.trainer = SimpleNamespace(training=True)
+    torch.testing.assert_close(out, dm.pipeline.normalize(images))
+    dm.trainer = SimpleNamespace(training=True, callbacks=[])
     out, _ = dm.on_after_batch_transfer((images, labels), 0)
-    assert not torch.allclose(out, dm.normalize(images))
+    assert not torch.allclose(out, dm.pipeline.normalize(images))
     padded = v2.functional.pad(images, [4], padding_mode="reflect")
     std, mean = torch.tensor(dm.std).view(3, 1, 1), torch.tensor(dm.mean).view(3, 1, 1)
     uint8 = ((out * std + mean) * 255).round().to(torch.uint8)
@@ -148,7 +151,7 @@ def test_datamodule_normalizes_on_device_with_recorded_stats(folder_data):
     assert dm.class_names == ["class_0", "class_1", "class_2"] and dm.num_classes == 3
     assert len(dm.train_set) == 108 and len(dm.val_set) == 12
     # Folder datasets get the training split's own statistics: normalized train images ~ N(0, 1).
-    x = dm.normalize(dm.train_set.images)
+    x = dm.pipeline.normalize(dm.train_set.images)
     torch.testing.assert_close(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-3, rtol=0)
     torch.testing.assert_close(x.std((0, 2, 3)), torch.ones(3), atol=1e-3, rtol=0)
     images, labels = next(iter(dm.train_dataloader()))

@@ -94,7 +94,7 @@ def _corrupt_checkpoints(trained_run: Path, tmp: Path) -> dict[str, tuple[Path, 
     text.write_text("not a checkpoint")
     mismatched = tmp / "mismatched.ckpt"
     ckpt = torch.load(good, weights_only=True)
-    ckpt["vit"]["model_config"]["depth"] = 5
+    ckpt["hyper_parameters"]["model"]["depth"] = 5
     torch.save(ckpt, mismatched)
     return {
         "missing": (tmp / "nope.ckpt", "checkpoint not found"),

@@ -35,7 +35,7 @@ def test_export_matches_pytorch(trained_run, tmp_path, fmt):
 
 
 def test_export_rejects_unknown_format(tmp_path):
-    with pytest.raises(ValueError, match="format must be one of"):
+    with pytest.raises(ValueError, match="format=.tflite. must be one of"):
         export(str(tmp_path / "x.ckpt"), "tflite", tmp_path / "m")
 
 

@@ -87,7 +87,11 @@ def test_fused_equals_explicit(kw):
 def test_attention_probs_rows_sum_to_one_and_drive_the_output():
     attn = Attention(16, num_heads=2, qkv_bias=True, fused_attn=False).eval()
     x = torch.randn(2, 5, 16)
-    p = attn.attention_probs(x)
+    # The explicit path's probabilities are the input of attn_drop (what vit.attention records).
+    seen = []
+    attn.attn_drop.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    attn(x)
+    p = seen[0]
     assert p.shape == (2, 2, 5, 5)
     torch.testing.assert_close(p.sum(-1), torch.ones(2, 2, 5))
     # Recompute the output by hand from the probabilities.

@@ -13,7 +13,7 @@ from lightning.fabric.utilities.throughput import measure_flops
 
 from tests.conftest import FAST, TINY_MODEL, compose_train, run_module, write_cifar_pickles, write_folder
 from vit.checkpoint import CheckpointError, load_checkpoint, load_model
-from vit.cli import CONFIG_DIR
+from vit.config import CONFIG_DIR
 from vit.model import VisionTransformer
 from vit.train import train
 
@@ -113,7 +113,7 @@ def test_tiny_run_learns_then_resumes_and_checkpoint_is_self_describing(folder_d
 
     # Self-describing: weights_only load, rebuild from the file alone, same logits as in training.
     raw = torch.load(last, map_location="cpu", weights_only=True)
-    assert raw["epoch"] == 3 and raw["vit"]["class_names"] == ["class_0", "class_1", "class_2"]
+    assert raw["epoch"] == 3 and raw["ImageDataModule"]["class_names"] == ["class_0", "class_1", "class_2"]
     ckpt = load_checkpoint(best)
     model = load_model(best)
     assert not model.training and model.config == ckpt.model.config
@@ -252,7 +252,7 @@ def test_img_size_schedule_trains_small_then_full_size_and_validates_at_full_siz
             "data.img_size=16",
             "trainer.max_epochs=2",
             "model.dynamic_img_size=true",
-            "optim.img_size_schedule=[[0,8],[0.5,16]]",
+            "data.img_size_schedule=[[0,8],[0.5,16]]",
             "test=false",
             *TINY_MODEL,
             *FAST,
@@ -291,10 +291,10 @@ def test_img_size_schedule_trains_small_then_full_size_and_validates_at_full_siz
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["optim.img_size_schedule=[[0,8]]"], "needs model.dynamic_img_size=true"),
-        (["model.dynamic_img_size=true", "optim.img_size_schedule=[[0,6]]"], "multiples of the patch size"),
-        (["model.dynamic_img_size=true", "optim.img_size_schedule=[[0.2,8]]"], "must start at fraction 0"),
-        (["model.dynamic_img_size=true", "optim.img_size_schedule=[8,16]"], "are [fraction, size] pairs"),
+        (["data.img_size_schedule=[[0,8]]"], "needs model.dynamic_img_size=true"),
+        (["model.dynamic_img_size=true", "data.img_size_schedule=[[0,6]]"], "multiples of the patch size"),
+        (["model.dynamic_img_size=true", "data.img_size_schedule=[[0.2,8]]"], "must start at fraction 0"),
+        (["model.dynamic_img_size=true", "data.img_size_schedule=[8,16]"], "are [fraction, size] pairs"),
         (["optim.schedule_by_time=true"], "needs a time budget: set trainer.max_time"),
     ],
 )
@@ -309,8 +309,8 @@ def test_resume_accepts_a_checkpoint_from_before_dynamic_img_size(trained_run, t
     from vit.train import check_resumable
 
     raw = torch.load(trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    config = dict(raw["vit"]["model_config"])
-    del raw["vit"]["model_config"]["dynamic_img_size"]  # as written before the option existed
+    config = dict(raw["hyper_parameters"]["model"])
+    del raw["hyper_parameters"]["model"]["dynamic_img_size"]  # as written before the option existed
     old = tmp_path / "old.ckpt"
     torch.save(raw, old)
     check_resumable(str(old), ViTClassifier(model=config))  # missing key = its default: accepted

@@ -12,22 +12,19 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import hydra
-import matplotlib
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from vit.checkpoint import Checkpoint, load_checkpoint
-from vit.cli import CONFIG_DIR, user_errors_exit
-from vit.data import DataError, normalize, read_image
-from vit.evaluate import build_eval_data, save_figure
+from vit.cli import hydra_cli
+from vit.config import EVAL_RULES, check_rules
+from vit.data import read_image
+from vit.errors import ConfigError, DataError
+from vit.evaluate import build_eval_data, check_split
 from vit.model import Attention, VisionTransformer
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from vit.outputs import plt, save_figure
 
 log = logging.getLogger("vit")
 
@@ -107,6 +104,14 @@ def attention_maps_and_grads(
     return probs, grads, logits.detach()
 
 
+def check_rollout_options(head_fusion: str, discard_ratio: float) -> None:
+    """ConfigError (a ValueError) for a head fusion or discard ratio that rollout cannot use."""
+    if head_fusion not in HEAD_FUSIONS:
+        raise ConfigError(f"head_fusion={head_fusion!r} must be one of {HEAD_FUSIONS}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ConfigError(f"discard_ratio={discard_ratio!r} is out of range: it must be a number in [0, 1)")
+
+
 def rollout(
     maps: torch.Tensor,
     head_fusion: str = "mean",
@@ -123,10 +128,7 @@ def rollout(
     sum to one, and multiply the layers together. The map is the class token's row over the
     patches; without a class token (`num_prefix_tokens=0`), the mean over all token rows.
     """
-    if head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
-    if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    check_rollout_options(head_fusion, discard_ratio)
     depth, B, _, N, _ = maps.shape
     num_patches = N - num_prefix_tokens
     if grid_size is None:
@@ -236,9 +238,18 @@ def _images_from_cfg(cfg: DictConfig, ckpt: Checkpoint) -> list[tuple[str, torch
 
 
 def run_attention(cfg: DictConfig) -> list[Path]:
-    if cfg.head_fusion not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {cfg.head_fusion!r}")
+    check_rules(cfg, EVAL_RULES)
+    check_rollout_options(cfg.head_fusion, cfg.discard_ratio)  # before any checkpoint or image is read
+    if not cfg.get("images"):
+        check_split(cfg.split)
+    if cfg.target_class is not None and not cfg.gradient:
+        raise ConfigError("target_class is for the gradient rollout: add gradient=true")
     ckpt = load_checkpoint(os.path.expanduser(cfg.ckpt_path))
+    if cfg.target_class is not None and not 0 <= int(cfg.target_class) < len(ckpt.class_names):
+        raise ConfigError(
+            f"target_class={cfg.target_class} is out of range: it must be in [0, {len(ckpt.class_names)}) "
+            f"for this checkpoint's classes"
+        )
     items = _images_from_cfg(cfg, ckpt)  # read all first: a bad image fails before any file is written
     if not items:
         raise DataError("no images: pass images=[a.png,...] or split=val num_images=N")
@@ -247,7 +258,7 @@ def run_attention(cfg: DictConfig) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, img, note in items:
-        x = normalize(img[None], ckpt.mean, ckpt.std)
+        x = ckpt.normalize(img[None])
         if cfg.gradient:
             target = None if cfg.target_class is None else int(cfg.target_class)
             maps, grads, logits = attention_maps_and_grads(model, x, target)
@@ -266,10 +277,7 @@ def run_attention(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="attention")
-@user_errors_exit
-def main(cfg: DictConfig) -> Any:
-    run_attention(cfg)
+main = hydra_cli(run_attention, config_name="attention")
 
 
 if __name__ == "__main__":

@@ -1,54 +1,70 @@
-"""What the entry points share: turning foreseeable mistakes into one clear message and exit 1."""
+"""The entry points' error policy, under Hydra's runs and sweeps.
+
+`hydra_cli(task, config_name)` makes a console script: Hydra composes the config from `conf/`
+(and runs `-m` sweeps); a `VitError` raised by `task` becomes `error: <message>` and the job fails;
+any other exception is a bug and keeps its traceback (HYDRA_FULL_ERROR=1 keeps it for all). Nothing here ends the process from inside a
+job, so in a sweep one failed job (a diverging trial, one bad value) is recorded as failed and the
+sweeper goes on: the basic sweeper runs the other jobs, Optuna's counts the failure against its
+`max_failure_rate`. The process then ends with status 1 and a line naming the failed jobs.
+"""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from vit.config import CONFIG_DIR
+from vit.errors import VitError
 
 log = logging.getLogger("vit")
 
-# The Hydra configs live at the repository's top level (conf/); the project installs editable.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Mistakes a user can make (bad data, bad config, bad checkpoint, bad image); anything else is
-# a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FloatingPointError, OSError)
+class JobFailed(CompactHydraException):
+    """A job of a sweep ended with a VitError (already printed); Hydra prints this in one line."""
 
 
-def user_errors_exit(fn: F) -> F:
-    """Run `fn`; on a user error print `error: <message>` and exit with status 1.
+def hydra_cli(task: Callable[[DictConfig], Any], config_name: str) -> Callable[[], None]:
+    """A console script that runs `task` on the composed config with the policy above."""
+    failed: list[str] = []  # "#N (overrides)" of each job that failed
+    jobs = [0]
 
-    HYDRA_FULL_ERROR=1 (Hydra's own switch) keeps the full traceback instead.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    def job(cfg: DictConfig) -> Any:
+        jobs[0] += 1
         try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return task(cfg)
+        except VitError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's own switch: keep the traceback
                 raise
+            hc = HydraConfig.get()
+            multirun = hc.mode == RunMode.MULTIRUN
+            name = f"#{hc.job.num} ({' '.join(hc.overrides.task)})" if multirun else ""
             log.error("%s", e)
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}" + (f" [job {name}]" if multirun else ""), file=sys.stderr, flush=True)
+            failed.append(name)
+            if multirun:
+                raise JobFailed(f"job {name} failed: {e}") from e  # the sweeper marks this job failed
+            return None
+
+    def main() -> None:
+        try:
+            job()
+        finally:
+            if failed and any(failed):  # a sweep: name every failed job, however it ended
+                print(
+                    f"error: {len(failed)} of {jobs[0]} jobs failed: {', '.join(failed)}", file=sys.stderr, flush=True
+                )
+        if failed:
             sys.exit(1)
 
-    return wrapper  # type: ignore[return-value]
-
-
-def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(tmp)` on a temporary name beside `path`, then rename it into place: a crash or a
-    bad input never leaves a half-written file under the final name."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    main.__doc__ = task.__doc__
+    return main

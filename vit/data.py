@@ -1,10 +1,13 @@
-"""Data: CIFAR-10 (torchvision) or any class-folder tree, decoded once into uint8 memory.
+"""Data: CIFAR-10 (torchvision) or any class-folder tree, decoded once into uint8 memory, and the
+one pipeline every batch goes through on the device.
 
 Images live in memory as one uint8 tensor (N, C, H, W): CIFAR-10's 50,000 training images are
-150 MB. Per-sample augmentation (torchvision.transforms.v2) runs on those uint8 tensors in the
-loader; conversion to float, normalization and mixup/cutmix (and, with `augment.on_batch`, the
-random crop and flip) run on whole batches after they reach the device (`on_after_batch_transfer`),
-where they are cheap.
+150 MB. Per-image augmentation (torchvision.transforms.v2: RandAugment, erasing, and crop + flip
+unless `augment.on_batch`) runs on those uint8 tensors in the loader. Everything else happens to
+whole batches once they reach the device, in `BatchPipeline`: for training batches crop + flip
+(`augment.on_batch`) -> resize to the scheduled size -> normalize -> mixup/cutmix; evaluation
+batches are only normalized, with the same `normalize` that vit-eval, vit-attention, vit-predict
+and export use.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +25,19 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
+
+from vit.errors import DataError
+from vit.schedule import RunClock, img_size_at, parse_img_size_schedule
 
 log = logging.getLogger(__name__)
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATASETS = ("cifar10", "folder")
-
-
-class DataError(ValueError):
-    """A dataset that is missing, empty or unreadable; the message says what to do."""
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 
 
 class TensorImageDataset(Dataset):
@@ -174,39 +180,43 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
 # -- augmentation ---------------------------------------------------------------------------
 
 
-def build_train_transform(
-    img_size: Sequence[int],
-    crop_padding: int = 4,
-    hflip: bool = True,
-    auto_augment: str | None = None,
-    randaugment_num_ops: int = 2,
-    randaugment_magnitude: int = 9,
-    random_erasing: float = 0.0,
-    on_batch: bool = False,
-) -> v2.Transform | None:
-    """Per-image augmentation on uint8 tensors.
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation (`data.augment.*`). Every field is off by default: the recipes live
+    in the YAML configs, not here. `on_batch` moves crop + flip from the loader to whole batches."""
 
-    With `on_batch`, the crop and flip are left out here: `random_crop_flip` applies them to whole
-    batches on the device instead (after the per-image ops that remain).
-    """
-    if not 0 <= crop_padding < min(img_size):
+    crop_padding: int = 0
+    hflip: bool = False
+    auto_augment: str = "none"  # none | randaugment | trivialaugment
+    randaugment_num_ops: int = 2  # torchvision's RandAugment defaults
+    randaugment_magnitude: int = 9
+    random_erasing: float = 0.0
+    on_batch: bool = False
+
+
+def build_train_transform(img_size: Sequence[int], augment: Augment) -> v2.Transform | None:
+    """The per-image part of training augmentation, on uint8 tensors (None: nothing to do).
+
+    With `augment.on_batch`, the crop and flip are left to `BatchPipeline` (after these ops)."""
+    a = augment
+    if not 0 <= a.crop_padding < min(img_size):
         raise DataError(
-            f"data.augment.crop_padding={crop_padding} must be in [0, {min(img_size)}) for {list(img_size)} images "
+            f"data.augment.crop_padding={a.crop_padding} must be in [0, {min(img_size)}) for {list(img_size)} images "
             "(reflect padding takes at most image size - 1 pixels)"
         )
+    if a.auto_augment not in AUTO_AUGMENTS:
+        raise DataError(f"data.augment.auto_augment must be one of {AUTO_AUGMENTS}, got {a.auto_augment!r}")
     ops: list[v2.Transform] = []
-    if crop_padding and not on_batch:
-        ops.append(v2.RandomCrop(list(img_size), padding=crop_padding, padding_mode="reflect"))
-    if hflip and not on_batch:
+    if a.crop_padding and not a.on_batch:
+        ops.append(v2.RandomCrop(list(img_size), padding=a.crop_padding, padding_mode="reflect"))
+    if a.hflip and not a.on_batch:
         ops.append(v2.RandomHorizontalFlip())
-    if auto_augment in ("randaugment", "rand"):
-        ops.append(v2.RandAugment(num_ops=randaugment_num_ops, magnitude=randaugment_magnitude))
-    elif auto_augment in ("trivialaugment", "trivial"):
+    if a.auto_augment == "randaugment":
+        ops.append(v2.RandAugment(num_ops=a.randaugment_num_ops, magnitude=a.randaugment_magnitude))
+    elif a.auto_augment == "trivialaugment":
         ops.append(v2.TrivialAugmentWide())
-    elif auto_augment not in (None, "none", ""):
-        raise DataError(f"data.augment.auto_augment must be none, randaugment or trivialaugment, got {auto_augment!r}")
-    if random_erasing > 0:
-        ops.append(v2.RandomErasing(p=random_erasing, value=0))
+    if a.random_erasing > 0:
+        ops.append(v2.RandomErasing(p=a.random_erasing, value=0))
     return v2.Compose(ops) if ops else None
 
 
@@ -231,7 +241,7 @@ def random_crop_flip(images: torch.Tensor, padding: int, hflip: bool) -> torch.T
     return images.permute(0, 2, 3, 1)[b, rows.view(B, H, 1), cols.view(B, 1, W)].permute(0, 3, 1, 2)
 
 
-def build_batch_mix(num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> v2.Transform | None:
+def build_batch_mix(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> v2.Transform | None:
     """Batch-level MixUp / CutMix (one of them per batch), producing soft targets (B, K)."""
     mixes = []
     if mixup_alpha > 0:
@@ -243,6 +253,49 @@ def build_batch_mix(num_classes: int, mixup_alpha: float, cutmix_alpha: float) -
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
+class BatchPipeline:
+    """What a batch goes through once it is on the device, in one place.
+
+    Training batches: random crop + flip (when `augment.on_batch`) -> resize to the size that
+    `img_size_schedule` gives at this point of the run -> normalize -> MixUp/CutMix.
+    Evaluation batches: normalize only (full size, no augmentation).
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: Augment = Augment(),
+        img_size_schedule: Sequence[tuple[float, int]] = (),
+        batch_mix: v2.Transform | None = None,
+    ) -> None:
+        self.mean, self.std = list(mean), list(std)
+        self.augment, self.img_size_schedule, self.batch_mix = augment, list(img_size_schedule), batch_mix
+
+    def train(
+        self, images: torch.Tensor, labels: torch.Tensor, fraction: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, C, H, W), labels (B,) at `fraction` of the run -> float (B, C, h, w), labels
+        (B,) or soft targets (B, K) when a batch mix is on."""
+        if self.augment.on_batch:
+            images = random_crop_flip(images, self.augment.crop_padding, self.augment.hflip)
+        x = self.normalize(images)
+        if self.img_size_schedule:
+            if fraction is None:
+                raise RuntimeError("data.img_size_schedule needs the run's progress: train through vit.module")
+            size = img_size_at(fraction, self.img_size_schedule)
+            if size is not None and (size, size) != tuple(x.shape[-2:]):
+                # Downscale the whole batch (antialiased), so early steps see fewer patch tokens.
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if self.batch_mix is not None:
+            x, labels = self.batch_mix(x, labels)  # labels -> soft targets (B, K)
+        return x, labels
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) -> float32, normalized: the evaluation batches' whole pipeline."""
+        return normalize(images, self.mean, self.std)
+
+
 # -- the DataModule -------------------------------------------------------------------------
 
 
@@ -250,7 +303,11 @@ class ImageDataModule(L.LightningDataModule):
     """CIFAR-10 or a class-folder dataset; train/val split carved from train, seeded.
 
     `mean`/`std` default to CIFAR-10's for `cifar10` and to the training split's own statistics
-    for `folder`; they are recorded in checkpoints so evaluation normalizes the same way.
+    for `folder`. Building one reads nothing but the class-folder names, so the network can be
+    sized from `class_names` and `img_size` before any image is decoded; Lightning calls
+    `prepare_data` (downloads, once per node) and `setup`. What a checkpoint needs to preprocess
+    and to rebuild the split (class names, normalization, size, source) is this module's
+    `state_dict`, which Lightning stores in every checkpoint.
     """
 
     def __init__(
@@ -258,7 +315,7 @@ class ImageDataModule(L.LightningDataModule):
         name: str = "cifar10",
         root: str = "data/cifar10",
         download: bool = True,
-        img_size: int | None = 32,
+        img_size: int | Sequence[int] | None = 32,
         val_size: int = 5000,
         seed: int = 0,
         batch_size: int = 128,
@@ -267,29 +324,58 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        augment: dict[str, Any] | None = None,
+        augment: dict[str, Any] | Augment | None = None,
         mix: dict[str, Any] | None = None,
+        img_size_schedule: Sequence[Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         if name not in DATASETS:
             raise DataError(f"data.name must be one of {DATASETS}, got {name!r}")
         # expanduser: a quoted "~/..." in YAML or on the command line (Hydra does not accept an unquoted ~).
         self.name, self.root, self.download = name, os.path.expanduser(root), download
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else (tuple(img_size) if img_size else None)
+        self._img_size = (img_size, img_size) if isinstance(img_size, int) else (tuple(img_size) if img_size else None)
         self.val_size, self.seed = val_size, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.mean = list(mean) if mean is not None else (list(CIFAR10_MEAN) if name == "cifar10" else None)
         self.std = list(std) if std is not None else (list(CIFAR10_STD) if name == "cifar10" else None)
-        self.augment = dict(augment or {})
-        self.mix_cfg = dict(mix or {})
-        self.class_names: list[str] = []
+        self.augment = augment if isinstance(augment, Augment) else Augment(**(augment or {}))
+        self.mix = dict(mix or {})
+        self.img_size_schedule = parse_img_size_schedule(img_size_schedule)
+        self._class_names: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
-        self.batch_mix: v2.Transform | None = None
+        self.pipeline: BatchPipeline | None = None
+
+    # -- what the network is sized from, known before any image is decoded --------------------
+    @property
+    def class_names(self) -> list[str]:
+        if self._class_names is None:
+            self._class_names = list(CIFAR10_CLASSES) if self.name == "cifar10" else self._folder_classes()
+        return self._class_names
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        """(H, W) of the images the network sees: data.img_size, or a folder's first image's size."""
+        if self._img_size is None:
+            first = next(p for p in sorted((Path(self.root) / "train" / self.class_names[0]).iterdir()) if p.is_file())
+            self._img_size = read_image(first)[0].shape[1:]
+            self._img_size = (int(self._img_size[0]), int(self._img_size[1]))
+        return self._img_size
+
+    def _folder_classes(self) -> list[str]:
+        train = Path(self.root) / "train"
+        if not Path(self.root).is_dir():
+            raise DataError(f"data.root={self.root} does not exist; expected {self.root}/train/<class>/<images>")
+        if not train.is_dir():
+            raise DataError(f"{self.root} has no train/ folder; expected {self.root}/train/<class>/<images>")
+        try:
+            return list(find_classes(str(train))[0])
+        except FileNotFoundError as e:
+            raise DataError(f"{train}: {e}. Each class needs a folder of images.") from e
 
     @property
     def has_test(self) -> bool:
@@ -297,7 +383,9 @@ class ImageDataModule(L.LightningDataModule):
             return True
         return (Path(self.root) / "test").is_dir()
 
+    # -- Lightning's data hooks --------------------------------------------------------------
     def prepare_data(self) -> None:
+        # Lightning calls this on one process per node, so DDP ranks never download at once.
         if self.name == "cifar10" and self.download:
             load_cifar10(self.root, train=True, download=True)
             load_cifar10(self.root, train=False, download=True)
@@ -305,26 +393,26 @@ class ImageDataModule(L.LightningDataModule):
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         if self.name == "cifar10":
             images, labels, classes = load_cifar10(self.root, train=train, download=False)
-            if self.img_size is not None and tuple(images.shape[2:]) != self.img_size:
+            if tuple(images.shape[2:]) != self.img_size:
                 images = v2.functional.resize(images, list(self.img_size), antialias=True)
             return images, labels, classes
-        if not Path(self.root).is_dir():
-            raise DataError(f"data.root={self.root} does not exist; expected {self.root}/train/<class>/<images>")
         split = Path(self.root) / ("train" if train else "test")
-        return load_image_folder(split, self.img_size, None if train else self.class_names)
+        return load_image_folder(split, self._img_size, self.class_names)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            images, labels, self.class_names = self._load(train=True)
-            if self.img_size is None:
-                self.img_size = tuple(images.shape[2:])
+            images, labels, classes = self._load(train=True)
+            if classes != self.class_names:
+                raise DataError(f"{self.root} has classes {classes}, expected {self.class_names}")
+            self._img_size = tuple(images.shape[2:])
             train_idx, val_idx = stratified_split(labels, self.val_size, self.seed)
             if self.mean is None or self.std is None:
                 self.mean, self.std = channel_stats(images[train_idx])
-            transform = build_train_transform(self.img_size, **self.augment)
+            transform = build_train_transform(self.img_size, self.augment)
             self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], transform)
             self.val_set = TensorImageDataset(images[val_idx], labels[val_idx])
-            self.batch_mix = build_batch_mix(self.num_classes, **self.mix_cfg) if self.mix_cfg else None
+            mix = build_batch_mix(self.num_classes, **self.mix)
+            self.pipeline = BatchPipeline(self.mean, self.std, self.augment, self.img_size_schedule, mix)
             log.info(
                 "data: %s at %s, %d classes, %d train / %d val images of %s",
                 self.name,
@@ -360,16 +448,32 @@ class ImageDataModule(L.LightningDataModule):
             raise DataError(f"{self.root} has no test split (expected {self.root}/test/<class>/...)")
         return self._loader(self.test_set, train=False)
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, C, H, W) -> float, normalized with this dataset's mean and std."""
-        return normalize(images, self.mean, self.std)
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch
-        training = self.trainer is not None and self.trainer.training
-        if training and self.augment.get("on_batch"):
-            images = random_crop_flip(images, self.augment.get("crop_padding", 4), self.augment.get("hflip", True))
-        images = self.normalize(images)
-        if self.batch_mix is not None and training:
-            images, labels = self.batch_mix(images, labels)  # labels -> soft targets (B, K)
-        return images, labels
+        if self.trainer is not None and self.trainer.training:
+            clock = RunClock.of(self.trainer)
+            return self.pipeline.train(images, labels, clock.fraction if clock is not None else None)
+        return self.pipeline.normalize(images), labels
+
+    # -- what checkpoints record (Lightning stores this under the class name) -----------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "class_names": list(self.class_names),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "img_size": list(self.img_size),
+            # Where the data came from and how val was carved, so vit-eval can rebuild the same split.
+            "source": {
+                "name": self.name,
+                "root": os.path.abspath(self.root),
+                "val_size": self.val_size,
+                "seed": self.seed,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """On resume or test from a checkpoint: the data must have the classes it was trained on."""
+        if state.get("class_names") not in (None, self.class_names):
+            raise DataError(
+                f"the checkpoint was trained on classes {state['class_names']}, but {self.root} has {self.class_names}"
+            )

@@ -13,24 +13,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-import hydra
-import matplotlib
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-)
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from vit.checkpoint import Checkpoint, load_checkpoint
-from vit.cli import CONFIG_DIR, user_errors_exit, write_atomic
-from vit.data import DataError, ImageDataModule, normalize
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from vit.cli import hydra_cli
+from vit.config import EVAL_RULES, check_rules
+from vit.data import ImageDataModule
+from vit.errors import ConfigError, DataError
+from vit.outputs import plt, save_figure, write_atomic
 
 log = logging.getLogger("vit")
 
@@ -38,19 +32,29 @@ log = logging.getLogger("vit")
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"device={name!r} must be auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def check_split(split: str) -> None:
+    if split not in ("test", "val"):
+        raise ConfigError(f"split={split!r} must be 'test' or 'val'")
 
 
 def build_eval_data(ckpt: Checkpoint, data_cfg: dict[str, Any] | None, split: str) -> ImageDataModule:
     """The split to evaluate, preprocessed as the checkpoint says (size, normalization)."""
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
-    recorded = ckpt.raw["vit"].get("data", {})
+    check_split(split)
+    recorded = ckpt.data
     if data_cfg is None:
         if not recorded:
             raise DataError("this checkpoint records no dataset; pass data=cifar10|folder data.root=...")
         data_cfg = dict(recorded)
-    data_cfg = {k: v for k, v in data_cfg.items() if k not in ("_target_", "augment", "mix", "mean", "std")}
+    data_cfg = {
+        k: v for k, v in data_cfg.items() if k not in ("_target_", "augment", "mix", "mean", "std", "img_size_schedule")
+    }
     # The validation split is defined by training: carve it the same way.
     data_cfg.update({k: recorded[k] for k in ("val_size", "seed") if k in recorded})
     data_cfg.update(img_size=list(ckpt.img_size), mean=ckpt.mean, std=ckpt.std, download=False, num_workers=0)
@@ -64,47 +68,49 @@ def build_eval_data(ckpt: Checkpoint, data_cfg: dict[str, Any] | None, split: st
 
 
 @torch.inference_mode()
-def predict_logits(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    mean: list[float],
-    std: list[float],
-    batch_size: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Logits (N, K) for uint8 images (N, C, H, W), in batches."""
-    model = model.to(device).eval()
+def predict_logits(ckpt: Checkpoint, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Logits (N, K) for uint8 images (N, C, H, W), normalized as the checkpoint records, in batches."""
+    model = ckpt.model.to(device).eval()
     out = [
-        model(normalize(images[i : i + batch_size].to(device), mean, std)).float().cpu()
+        model(ckpt.normalize(images[i : i + batch_size].to(device))).float().cpu()
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out)
 
 
+def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int) -> dict[str, Any]:
+    """Confidence binned in `num_bins` equal-width bins, [i/n, (i+1)/n) and a closed last bin, with
+    the expected calibration error computed from the same bins, so the reliability diagram and
+    the ECE number cannot disagree: ECE = sum over bins of (count / N) * |accuracy - confidence|.
+    (Equal to torchmetrics' MulticlassCalibrationError except that torchmetrics gives confidences
+    of exactly 1.0 a bin of their own.)"""
+    conf, pred = probs.max(dim=1)
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=conf.dtype)
+    bins = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, num_bins - 1)
+    correct = (pred == labels).to(conf.dtype)
+    count = torch.bincount(bins, minlength=num_bins)
+    acc_bin = torch.bincount(bins, weights=correct, minlength=num_bins) / count.clamp(min=1)
+    conf_bin = torch.bincount(bins, weights=conf, minlength=num_bins) / count.clamp(min=1)
+    ece = (count / len(labels) * (acc_bin - conf_bin).abs()).sum()
+    return {"ece": float(ece), "count": count.tolist(), "accuracy": acc_bin.tolist(), "confidence": conf_bin.tolist()}
+
+
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], num_bins: int = 15) -> dict:
     """top-1/top-5, per-class accuracy, confusion matrix, ECE and the reliability curve."""
     k = logits.shape[1]
-    probs = logits.softmax(dim=1)
     top5 = MulticlassAccuracy(num_classes=k, top_k=min(5, k), average="micro")(logits, labels)
     top1 = MulticlassAccuracy(num_classes=k, average="micro")(logits, labels)
     per_class = MulticlassAccuracy(num_classes=k, average=None)(logits, labels)
     confusion = MulticlassConfusionMatrix(num_classes=k)(logits, labels)
-    ece = MulticlassCalibrationError(num_classes=k, n_bins=num_bins, norm="l1")(probs, labels)
-    # Reliability curve: accuracy vs confidence in equal-width confidence bins.
-    conf, pred = probs.max(dim=1)
-    bins = torch.clamp((conf * num_bins).long(), max=num_bins - 1)
-    correct = (pred == labels).float()
-    count = torch.bincount(bins, minlength=num_bins)
-    acc_bin = torch.bincount(bins, weights=correct, minlength=num_bins) / count.clamp(min=1)
-    conf_bin = torch.bincount(bins, weights=conf, minlength=num_bins) / count.clamp(min=1)
+    rel = reliability(logits.softmax(dim=1), labels, num_bins)
     return {
         "num_samples": int(len(labels)),
         "top1": float(top1),
         "top5": float(top5),
-        "ece": float(ece),
+        "ece": rel.pop("ece"),
         "per_class_accuracy": {name: float(a) for name, a in zip(class_names, per_class)},
         "confusion_matrix": confusion.tolist(),
-        "reliability": {"count": count.tolist(), "accuracy": acc_bin.tolist(), "confidence": conf_bin.tolist()},
+        "reliability": rel,
     }
 
 
@@ -151,21 +157,15 @@ def plot_reliability(rel: dict[str, list[float]], ece: float, path: Path) -> Non
     save_figure(fig, path)
 
 
-def save_figure(fig: plt.Figure, path: Path, dpi: int = 120) -> None:
-    """Write a figure atomically and close it."""
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".")))
-    finally:
-        plt.close(fig)
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    check_rules(cfg, EVAL_RULES)
+    check_split(cfg.split)
+    device = resolve_device(cfg.device)
     ckpt = load_checkpoint(os.path.expanduser(cfg.ckpt_path))
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None
     dm = build_eval_data(ckpt, data_cfg, cfg.split)
     ds = dm.test_set if cfg.split == "test" else dm.val_set
-    device = resolve_device(cfg.device)
-    logits = predict_logits(ckpt.model, ds.images, ckpt.mean, ckpt.std, cfg.batch_size, device)
+    logits = predict_logits(ckpt, ds.images, cfg.batch_size, device)
     metrics = compute_metrics(logits, ds.labels, ckpt.class_names, cfg.num_bins)
     metrics.update(ckpt_path=os.path.abspath(cfg.ckpt_path), split=cfg.split, dataset=dm.name, root=dm.root)
 
@@ -188,10 +188,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-@user_errors_exit
-def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+main = hydra_cli(evaluate, config_name="eval")
 
 
 if __name__ == "__main__":

@@ -17,14 +17,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from vit.checkpoint import Checkpoint, load_checkpoint
-from vit.cli import CONFIG_DIR, user_errors_exit, write_atomic
-from vit.data import DataError, normalize, read_image
+from vit.cli import hydra_cli
+from vit.config import EVAL_RULES, check_rules
+from vit.data import read_image
+from vit.errors import ConfigError, DataError, ExportError
 from vit.model import VisionTransformer
+from vit.outputs import write_atomic
 
 log = logging.getLogger("vit")
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -42,8 +44,9 @@ def export(ckpt_path: str, fmt: str, output: str | os.PathLike) -> tuple[Path, f
     """Write the model in `fmt` to `output` (+ `.json` metadata); returns the path and the max
     |difference| from PyTorch's logits on a random batch."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
+        raise ConfigError(f"format={fmt!r} must be one of {sorted(FORMATS)}")
     ckpt = load_checkpoint(ckpt_path)
+    ckpt.check_normalization()  # the metadata must tell a runtime how to prepare inputs
     model = _export_model(ckpt)
     out = Path(output)
     if out.suffix != FORMATS[fmt]:
@@ -71,7 +74,7 @@ def export(ckpt_path: str, fmt: str, output: str | os.PathLike) -> tuple[Path, f
     diff = float((got - expected).abs().max())
     if diff > TOLERANCE:
         out.unlink(missing_ok=True)
-        raise RuntimeError(f"exported {fmt} model differs from PyTorch by {diff:.2e} (> {TOLERANCE}); nothing written")
+        raise ExportError(f"exported {fmt} model differs from PyTorch by {diff:.2e} (> {TOLERANCE}); nothing written")
     meta = {
         "format": fmt,
         "file": out.name,
@@ -87,9 +90,9 @@ def export(ckpt_path: str, fmt: str, output: str | os.PathLike) -> tuple[Path, f
 
 def predict(ckpt: Checkpoint, paths: list[str], topk: int = 5) -> list[dict[str, Any]]:
     """Top-k classes with probabilities for each image file (resized as the checkpoint says)."""
+    if topk < 1:
+        raise ConfigError(f"topk={topk} is out of range: it must be an integer >= 1")
     k = min(topk, len(ckpt.class_names))
-    if k < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
     images, notes = [], []
     for p in paths:
         img, original = read_image(os.path.expanduser(str(p)), ckpt.img_size)
@@ -100,7 +103,7 @@ def predict(ckpt: Checkpoint, paths: list[str], topk: int = 5) -> list[dict[str,
     if not images:
         raise DataError("no images given: images=[a.png,b.jpg]")
     with torch.inference_mode():
-        probs = ckpt.model(normalize(torch.stack(images), ckpt.mean, ckpt.std)).softmax(dim=1)
+        probs = ckpt.model(ckpt.normalize(torch.stack(images))).softmax(dim=1)
     top = probs.topk(k, dim=1)
     return [
         {
@@ -112,18 +115,15 @@ def predict(ckpt: Checkpoint, paths: list[str], topk: int = 5) -> list[dict[str,
     ]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-@user_errors_exit
-def export_main(cfg: DictConfig) -> None:
+def run_export(cfg: DictConfig) -> None:
     output = cfg.output or Path(cfg.paths.output_dir) / "model"
     path, diff = export(os.path.expanduser(cfg.ckpt_path), cfg.format, output)
     log.info("wrote %s and %s (max |diff| vs PyTorch %.1e)", path, path.with_suffix(".json"), diff)
     print(path)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-@user_errors_exit
-def predict_main(cfg: DictConfig) -> None:
+def run_predict(cfg: DictConfig) -> None:
+    check_rules(cfg, EVAL_RULES)
     if not cfg.images:
         raise DataError("no images given: images=[a.png,b.jpg]")
     ckpt = load_checkpoint(os.path.expanduser(cfg.ckpt_path))
@@ -136,3 +136,7 @@ def predict_main(cfg: DictConfig) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, lambda p: p.write_text(json.dumps(results, indent=2)))
         log.info("wrote %s", out)
+
+
+export_main = hydra_cli(run_export, config_name="export")
+predict_main = hydra_cli(run_predict, config_name="predict")

@@ -95,9 +95,9 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one qkv projection.
 
-    `fused_attn=False` runs the explicit maths (the reference, and the only path that can
-    return the attention probabilities); `fused_attn=True` runs the same function through
-    `F.scaled_dot_product_attention`.
+    `fused_attn=False` runs the explicit maths (the reference, and the only path whose attention
+    probabilities `vit.attention` can record, as the input of `attn_drop`); `fused_attn=True` runs
+    the same function through `F.scaled_dot_product_attention`.
     """
 
     def __init__(
@@ -140,11 +140,6 @@ class Attention(nn.Module):
         q = q.reshape(B, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
-
-    def attention_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Post-softmax attention probabilities, (B, heads, N, N), before attention dropout."""
-        q, k, _ = self._qkv(x)
-        return (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         """(B, N, C) -> (B, N, C); with `num_queries`, only the first num_queries tokens attend

@@ -1,0 +1,166 @@
+"""The Hydra configs (`conf/`) and the checks every composed config passes before anything runs.
+
+Each number a user can set is checked against its allowed range here, before any data is read or
+any process is started, and a value out of range is a `ConfigError` that names the key, the value
+and the range. Checks that need the model (does num_heads divide embed_dim?) happen when the
+network is built, also before any image is decoded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vit.errors import ConfigError
+from vit.schedule import parse_img_size_schedule
+
+# The Hydra configs live at the repository's top level (conf/); the project installs editable.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# (predicate, allowed values in words)
+Rule = tuple[Callable[[Any], bool], str]
+INT_GE0: Rule = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+INT_GE1: Rule = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+POSITIVE: Rule = (lambda v: _is_num(v) and v > 0, "a number > 0")
+NON_NEGATIVE: Rule = (lambda v: _is_num(v) and v >= 0, "a number >= 0")
+PROBABILITY: Rule = (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
+RATE: Rule = (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
+STEPS_OR_OFF: Rule = (lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or an integer >= 1")
+BATCH_LIMIT: Rule = (
+    lambda v: (_is_int(v) and v >= 0) or (_is_num(v) and 0 <= v <= 1),
+    "a fraction in [0, 1] or a number of batches >= 0",
+)
+
+
+def _optional(rule: Rule) -> Rule:
+    return (lambda v: v is None or rule[0](v), f"null or {rule[1]}")
+
+
+def _sequence(n: int, rule: Rule) -> Rule:
+    return (lambda v: isinstance(v, (list, tuple)) and len(v) == n and all(rule[0](x) for x in v), f"{n} x {rule[1]}")
+
+
+TRAIN_RULES: dict[str, Rule] = {
+    "seed": (_is_int, "an integer"),
+    "data.img_size": _optional(INT_GE1),
+    "data.val_size": INT_GE0,
+    "data.batch_size": INT_GE1,
+    "data.eval_batch_size": INT_GE1,
+    "data.num_workers": INT_GE0,
+    "data.mean": _optional(_sequence(3, (_is_num, "a number"))),
+    "data.std": _optional(_sequence(3, POSITIVE)),
+    "data.augment.crop_padding": INT_GE0,
+    "data.augment.hflip": BOOL,
+    "data.augment.randaugment_num_ops": INT_GE0,
+    "data.augment.randaugment_magnitude": (lambda v: _is_int(v) and 0 <= v <= 30, "an integer in [0, 30]"),
+    "data.augment.random_erasing": PROBABILITY,
+    "data.augment.on_batch": BOOL,
+    "data.mix.mixup_alpha": NON_NEGATIVE,
+    "data.mix.cutmix_alpha": NON_NEGATIVE,
+    "model.patch_size": INT_GE1,
+    "model.embed_dim": INT_GE1,
+    "model.depth": INT_GE1,
+    "model.num_heads": INT_GE1,
+    "model.mlp_ratio": POSITIVE,
+    "model.init_values": _optional(POSITIVE),
+    "model.drop_rate": RATE,
+    "model.pos_drop_rate": RATE,
+    "model.proj_drop_rate": RATE,
+    "model.attn_drop_rate": RATE,
+    "model.drop_path_rate": RATE,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.betas": _sequence(2, RATE),
+    "optim.warmup_epochs": NON_NEGATIVE,
+    "optim.min_lr_ratio": PROBABILITY,
+    "optim.label_smoothing": RATE,
+    "optim.schedule_by_time": BOOL,
+    "optim.scale_lr_with_world_size": BOOL,
+    "trainer.max_epochs": STEPS_OR_OFF,
+    "trainer.max_steps": STEPS_OR_OFF,
+    "trainer.num_nodes": INT_GE1,
+    "trainer.accumulate_grad_batches": INT_GE1,
+    "trainer.log_every_n_steps": INT_GE1,
+    "trainer.check_val_every_n_epoch": _optional(INT_GE1),
+    "trainer.num_sanity_val_steps": (lambda v: _is_int(v) and v >= -1, "-1 (all) or an integer >= 0"),
+    "trainer.gradient_clip_val": _optional(NON_NEGATIVE),
+    "trainer.limit_train_batches": _optional(BATCH_LIMIT),
+    "trainer.limit_val_batches": _optional(BATCH_LIMIT),
+    "trainer.limit_test_batches": _optional(BATCH_LIMIT),
+    "callbacks.ema.decay": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    "callbacks.last_checkpoint.every_n_train_steps": _optional(INT_GE1),
+    "callbacks.throughput.window_size": INT_GE1,
+}
+
+EVAL_RULES: dict[str, Rule] = {
+    "batch_size": INT_GE1,
+    "num_bins": INT_GE1,
+    "num_images": INT_GE1,
+    "discard_ratio": RATE,
+    "topk": INT_GE1,
+}
+
+
+def check_rules(cfg: DictConfig, rules: dict[str, Rule]) -> None:
+    """ConfigError for the first key of `rules` present in `cfg` whose value is out of range."""
+    for key, (ok, allowed) in rules.items():
+        node = OmegaConf.select(cfg, key, default="__absent__", throw_on_missing=False)
+        if isinstance(node, str) and node == "__absent__":
+            continue
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Everything that can be checked from the config alone, before any data is read."""
+    check_rules(cfg, TRAIN_RULES)
+    data, model, optim, trainer = cfg.data, cfg.model, cfg.get("optim") or {}, cfg.trainer
+    img_size = data.get("img_size")
+    if img_size is not None:
+        if data.augment.get("crop_padding", 0) >= img_size:
+            raise ConfigError(
+                f"data.augment.crop_padding={data.augment.crop_padding} is out of range: it must be in "
+                f"[0, {img_size}) for {img_size} px images (reflect padding takes at most image size - 1 pixels)"
+            )
+        if img_size % model.patch_size:
+            raise ConfigError(
+                f"data.img_size={img_size} is not divisible by model.patch_size={model.patch_size}; "
+                "pick a patch size that tiles the image"
+            )
+    schedule = parse_img_size_schedule(
+        OmegaConf.to_container(data.img_size_schedule) if data.get("img_size_schedule") else None
+    )
+    if schedule:
+        if not model.get("dynamic_img_size"):
+            raise ConfigError("data.img_size_schedule needs model.dynamic_img_size=true")
+        bad = [size for _, size in schedule if size % model.patch_size]
+        if bad:
+            raise ConfigError(
+                f"data.img_size_schedule sizes {bad} are not multiples of the patch size {model.patch_size}"
+            )
+    max_time = trainer.get("max_time")
+    if max_time is not None and not (isinstance(max_time, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", max_time)):
+        raise ConfigError(f"trainer.max_time={max_time!r} must be a duration DD:HH:MM:SS, e.g. 00:00:30:00")
+    if optim.get("schedule_by_time") and not max_time:
+        raise ConfigError("optim.schedule_by_time=true needs a time budget: set trainer.max_time (DD:HH:MM:SS)")
+    if trainer.get("max_epochs") == -1 and trainer.get("max_steps") == -1:
+        raise ConfigError(
+            "trainer.max_epochs=-1 and trainer.max_steps=-1 give the run no end for its schedules to follow; "
+            "set trainer.max_steps or trainer.max_epochs (trainer.max_time may still end it sooner)"
+        )

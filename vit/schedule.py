@@ -1,0 +1,114 @@
+"""How far through the run we are, and the schedules that follow it.
+
+One number drives every schedule (the learning rate, the training image size, any later one):
+the fraction of the run done, a pure function of the step count and the clock (`run_fraction`).
+`RunClock`, a Lightning callback, refreshes it once per step; the schedules read `clock.fraction`
+and are plain functions of it (`lr_factor`, `img_size_at`).
+
+When is it refreshed? Lightning moves a batch to the device (where the data side applies the
+image-size schedule) before `on_train_batch_start`, so the clock is refreshed at `on_train_start`
+and at the end of every step (`on_train_batch_end`, after the optimizer step): `fraction` is then
+the part of the run done before the next step, and that step's batch and learning rate both read
+the same value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import Timer
+
+from vit.errors import ConfigError
+
+
+def run_fraction(step: int, total_steps: float, elapsed_s: float | None = None, budget_s: float | None = None) -> float:
+    """Fraction of the run done, in [0, 1]: `step` of `total_steps`, or the time spent of a time
+    budget when one is given and it runs out first (a slow machine still ends its schedules)."""
+    done = step / total_steps if total_steps > 0 else 0.0
+    if budget_s:
+        done = max(done, (elapsed_s or 0.0) / budget_s)
+    return min(1.0, max(0.0, done))
+
+
+def lr_factor(fraction: float, warmup: float, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at `fraction` of the run: linear from 0 over the first
+    `warmup` of the run, then a half cosine down to `min_lr_ratio` at the end."""
+    if fraction < warmup:
+        return fraction / warmup
+    progress = min(1.0, (fraction - warmup) / (1.0 - warmup)) if warmup < 1.0 else 1.0
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def parse_img_size_schedule(schedule: Sequence[Sequence[float]] | None) -> list[tuple[float, int]]:
+    """[[fraction, size], ...] as sorted (fraction, size) pairs; ConfigError for anything else.
+    (That the sizes fit the model's patch is checked with the model config: `vit.config`.)"""
+    pairs = []
+    for item in schedule or []:
+        if not isinstance(item, Sequence) or isinstance(item, str) or len(item) != 2:
+            raise ConfigError(f"data.img_size_schedule entries are [fraction, size] pairs, got {item!r}")
+        pairs.append((float(item[0]), int(item[1])))
+    pairs.sort()
+    if pairs and (pairs[0][0] != 0 or pairs[-1][0] >= 1 or any(size <= 0 for _, size in pairs)):
+        raise ConfigError(
+            f"data.img_size_schedule={[list(p) for p in pairs]} must start at fraction 0, keep fractions below 1 "
+            "and use positive sizes"
+        )
+    return pairs
+
+
+def img_size_at(fraction: float, schedule: Sequence[tuple[float, int]]) -> int | None:
+    """The training image size at `fraction` of the run (None: no schedule, keep the data's size)."""
+    sizes = [size for start, size in schedule if start <= fraction]
+    return sizes[-1] if sizes else None
+
+
+class RunClock(L.Callback):
+    """The run's one measure of progress, `fraction` in [0, 1], refreshed once per step.
+
+    `by_time`: count the time spent of `trainer.max_time` too (whichever is further along wins).
+    Every process must follow the same schedule, so with several processes rank 0's clock is
+    broadcast, every `sync_every` steps (the collective stays off most steps).
+    """
+
+    def __init__(self, by_time: bool = False, sync_every: int = 10) -> None:
+        self.by_time, self.sync_every = by_time, sync_every
+        self.fraction = 0.0
+        self.total_steps = 1.0  # optimizer steps the run may take (trainer.estimated_stepping_batches)
+        self.steps_per_epoch = 1
+        self._time: tuple[float, float] | None = None  # (elapsed, budget) seconds, rank 0's
+
+    @staticmethod
+    def of(trainer: L.Trainer) -> RunClock | None:
+        """The trainer's clock (the LightningModule adds one through `configure_callbacks`)."""
+        return next((c for c in trainer.callbacks if isinstance(c, RunClock)), None)
+
+    @staticmethod
+    def _timer(trainer: L.Trainer) -> Timer | None:
+        """Lightning's Timer callback, present when trainer.max_time is set."""
+        return next((c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.by_time and self._timer(trainer) is None:
+            raise ConfigError("optim.schedule_by_time=true needs a time budget: set trainer.max_time (DD:HH:MM:SS)")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.total_steps = float(trainer.estimated_stepping_batches)
+        self.steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        self.refresh(trainer, sync=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self.refresh(trainer, sync=trainer.global_step % self.sync_every == 0)
+
+    def refresh(self, trainer: L.Trainer, sync: bool) -> None:
+        if self.by_time and (sync or trainer.world_size == 1 or self._time is None):
+            timer = self._timer(trainer)
+            elapsed = timer.time_elapsed()
+            time = (elapsed, elapsed + timer.time_remaining())
+            self._time = tuple(trainer.strategy.broadcast(time)) if trainer.world_size > 1 else time
+        self.fraction = run_fraction(trainer.global_step, self.total_steps, *(self._time or (None, None)))
+
+    def epochs_to_fraction(self, epochs: float) -> float:
+        """A length in epochs as a fraction of the run (by steps), at most 1."""
+        return min(1.0, epochs * self.steps_per_epoch / self.total_steps)
