@@ -111,3 +111,26 @@ def trained_run(folder_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=3", "optim.lr=3e-3"]
     train(compose_train([*overrides, *TINY_MODEL, *FAST], run))
     return run
+
+
+def as_written_before_the_redesign(ckpt_path: Path, out: Path) -> Path:
+    """The same trained checkpoint in the layout vit-train wrote before the core redesign: model
+    config, class names, normalization and data source under one `vit` entry, no DataModule state,
+    a LambdaLR scheduler state and `img_size_schedule` among the hyperparameters."""
+    raw = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    data = raw.pop("ImageDataModule")
+    config = dict(raw["hyper_parameters"]["model"])
+    raw["vit"] = {
+        "model_config": config,
+        "class_names": data["class_names"],
+        "mean": data["mean"],
+        "std": data["std"],
+        "data": data["source"],
+    }
+    hp = raw["hyper_parameters"]
+    hp["model"] = {k: config[k] for k in ("img_size", "num_classes", "patch_size", "embed_dim", "depth", "num_heads")}
+    hp["img_size_schedule"] = None
+    hp.pop("scale_lr_with_world_size", None)
+    raw["lr_schedulers"] = [{"base_lrs": [1e-3, 1e-3], "last_epoch": raw["global_step"], "_step_count": 1}]
+    torch.save(raw, out)
+    return out

@@ -3,14 +3,19 @@ round trip through the CLIs, and bad input (one message, exit 1, no output that 
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from torchmetrics.classification import MulticlassCalibrationError
 
-from tests.conftest import run_module
-from vit.evaluate import compute_metrics
+from tests.conftest import FAST, TINY_MODEL, as_written_before_the_redesign, cli_env, compose_train, run_module
+from vit.checkpoint import load_checkpoint
+from vit.errors import CheckpointError
+from vit.evaluate import compute_metrics, reliability
 
 
 def test_compute_metrics_matches_direct_computation():
@@ -128,3 +133,92 @@ def test_bad_images_fail_before_any_figure(trained_run, tmp_path):
         r = run_module("vit.attention", [f"ckpt_path={ckpt}", f"images=[{good},{bad}]", "hydra.run.dir=out"], tmp_path)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_reliability_diagram_and_ece_come_from_the_same_bins():
+    # Bug (f): the diagram binned by hand while the ECE came from torchmetrics, which gives a
+    # confidence of exactly 1.0 a bin of its own: the two disagreed on confident models.
+    probs = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.95, 0.05], [0.95, 0.05]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 0])
+    rel = reliability(probs, labels, num_bins=10)
+    assert rel["count"][-1] == 4 and sum(rel["count"]) == 4
+    assert rel["accuracy"][-1] == 0.75 and rel["confidence"][-1] == pytest.approx(0.975)
+    from_bins = sum(c / 4 * abs(a - f) for c, a, f in zip(rel["count"], rel["accuracy"], rel["confidence"]))
+    assert rel["ece"] == pytest.approx(from_bins) == pytest.approx(0.225)
+    # With continuous confidences (no sample at exactly 1.0) it is torchmetrics' ECE.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 6, generator=g) * 2
+    labels = torch.randint(0, 6, (500,), generator=g)
+    metrics = compute_metrics(logits, labels, [str(i) for i in range(6)], num_bins=15)
+    expected = MulticlassCalibrationError(num_classes=6, n_bins=15, norm="l1")(logits.softmax(1), labels)
+    assert metrics["ece"] == pytest.approx(float(expected), abs=1e-6)
+    rel = metrics["reliability"]
+    assert metrics["ece"] == pytest.approx(
+        sum(c / 500 * abs(a - f) for c, a, f in zip(rel["count"], rel["accuracy"], rel["confidence"])), abs=1e-9
+    )
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_normalization_is_refused_not_guessed(trained_run, tmp_path):
+    # Bug (d): missing mean/std silently became 0.5 / 0.5 and predictions were wrong without a word.
+    raw = torch.load(trained_run / "checkpoints" / "best.ckpt", weights_only=True)
+    del raw["ImageDataModule"]["mean"], raw["ImageDataModule"]["std"]
+    path = tmp_path / "no_norm.ckpt"
+    torch.save(raw, path)
+    ckpt = load_checkpoint(path)  # the network alone still loads (vit.load_model needs no preprocessing)
+    with pytest.raises(CheckpointError, match="records no input normalization"):
+        ckpt.normalize(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+    img = tmp_path / "a.png"
+    torchvision.io.write_png(torch.zeros(3, 16, 16, dtype=torch.uint8), str(img))
+    predict = ["vit-predict", f"ckpt_path={path}", f"images=[{img}]", "hydra.run.dir=p"]
+    evaluate = [sys.executable, "-m", "vit.evaluate", f"ckpt_path={path}", "split=val", "hydra.run.dir=e"]
+    for cmd in (predict, evaluate):
+        r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=cli_env(), timeout=120)
+        assert r.returncode == 1 and "records no input normalization" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_checkpoints_in_the_earlier_layout_load_in_every_tool(trained_run, tmp_path):
+    new = trained_run / "checkpoints" / "best.ckpt"
+    old = as_written_before_the_redesign(new, tmp_path / "old.ckpt")
+    raw = torch.load(old, weights_only=True)
+    assert "vit" in raw and "ImageDataModule" not in raw
+    a, b = load_checkpoint(new), load_checkpoint(old)
+    assert (a.class_names, a.mean, a.std, a.data, a.model.config) == (
+        b.class_names,
+        b.mean,
+        b.std,
+        b.data,
+        b.model.config,
+    )
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(a.model(a.normalize(x)), b.model(b.normalize(x)))
+
+    r = run_module("vit.evaluate", [f"ckpt_path={old}", "split=val", "hydra.run.dir=ev"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_samples"] == 30
+    r = run_module("vit.attention", [f"ckpt_path={old}", "split=val", "num_images=1", "hydra.run.dir=at"], tmp_path)
+    assert r.returncode == 0 and len(list((tmp_path / "at").glob("attention_*.png"))) == 1, r.stderr[-3000:]
+    img = tmp_path / "a.png"
+    torchvision.io.write_png(x[0], str(img))
+    for cmd in (["vit-export", "format=torchscript"], ["vit-predict", f"images=[{img}]"]):
+        r = subprocess.run(
+            [*cmd, f"ckpt_path={old}", f"hydra.run.dir={tmp_path}/{cmd[0]}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            timeout=120,
+        )
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+
+    # Resuming from it is accepted, and training continues from its step.
+    from vit.train import train
+
+    root = a.data["root"]
+    overrides = ["data=folder", f"data.root={root}", "data.img_size=16", "trainer.max_epochs=4", "optim.lr=3e-3"]
+    train(compose_train([*overrides, *TINY_MODEL, *FAST, f"ckpt_path={old}", "test=false"], tmp_path / "resumed"))
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 3 and resumed["global_step"] > raw["global_step"]

@@ -34,7 +34,7 @@ class JobFailed(CompactHydraException):
 
 def hydra_cli(task: Callable[[DictConfig], Any], config_name: str) -> Callable[[], None]:
     """A console script that runs `task` on the composed config with the policy above."""
-    failed: list[str] = []  # "#N (overrides)" of each job that failed
+    failed: list[str] = []  # "#N (run folder)" of each sweep job that failed; "" for a single run
     jobs = [0]
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
@@ -46,14 +46,14 @@ def hydra_cli(task: Callable[[DictConfig], Any], config_name: str) -> Callable[[
             if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's own switch: keep the traceback
                 raise
             hc = HydraConfig.get()
-            multirun = hc.mode == RunMode.MULTIRUN
-            name = f"#{hc.job.num} ({' '.join(hc.overrides.task)})" if multirun else ""
             log.error("%s", e)
-            print(f"error: {e}" + (f" [job {name}]" if multirun else ""), file=sys.stderr, flush=True)
-            failed.append(name)
-            if multirun:
-                raise JobFailed(f"job {name} failed: {e}") from e  # the sweeper marks this job failed
-            return None
+            if hc.mode != RunMode.MULTIRUN:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                failed.append("")
+                return None
+            print(f"error: {e} [job #{hc.job.num}: {' '.join(hc.overrides.task)}]", file=sys.stderr, flush=True)
+            failed.append(f"#{hc.job.num} ({hc.runtime.output_dir})")
+            raise JobFailed(f"job #{hc.job.num} failed: {e}") from e  # the sweeper marks this job failed
 
     def main() -> None:
         try:

@@ -1,0 +1,110 @@
+"""Every number a user can set is checked before any data is read: one ConfigError that names the
+key, the value and the allowed range (bug g); the project's errors share one base class."""
+
+import pytest
+
+from tests.conftest import FAST, TINY_MODEL, compose_train, run_module
+from vit.config import check_train_config
+from vit.errors import CheckpointError, ConfigError, DataError, DivergedError, ExportError, VitError
+
+# Plausible mistakes a new user makes in overrides (each: the override, the key the error names).
+BAD = [
+    ("data.batch_size=0", "data.batch_size=0"),
+    ("data.batch_size=-8", "data.batch_size=-8"),
+    ("data.eval_batch_size=0", "data.eval_batch_size=0"),
+    ("data.val_size=-1", "data.val_size=-1"),
+    ("data.num_workers=-2", "data.num_workers=-2"),
+    ("data.img_size=0", "data.img_size=0"),
+    ("data.augment.crop_padding=-1", "data.augment.crop_padding=-1"),
+    ("data.augment.crop_padding=32", "data.augment.crop_padding=32"),
+    ("data.augment.random_erasing=1.5", "data.augment.random_erasing=1.5"),
+    ("data.augment.randaugment_magnitude=40", "data.augment.randaugment_magnitude=40"),
+    ("data.augment.randaugment_num_ops=-1", "data.augment.randaugment_num_ops=-1"),
+    ("data.mix.mixup_alpha=-0.2", "data.mix.mixup_alpha=-0.2"),
+    ("data.mix.cutmix_alpha=-1", "data.mix.cutmix_alpha=-1"),
+    ("data.std=[0.2,0,0.2]", "data.std=[0.2, 0, 0.2]"),
+    ("data.mean=[0.5,0.5]", "data.mean=[0.5, 0.5]"),
+    ("model.depth=0", "model.depth=0"),
+    ("model.embed_dim=-32", "model.embed_dim=-32"),
+    ("model.mlp_ratio=0", "model.mlp_ratio=0"),
+    ("model.drop_path_rate=1.0", "model.drop_path_rate=1.0"),
+    ("model.attn_drop_rate=-0.1", "model.attn_drop_rate=-0.1"),
+    ("model.patch_size=5", "data.img_size=32 is not divisible by model.patch_size=5"),
+    ("optim.lr=0", "optim.lr=0"),
+    ("optim.lr=-1e-3", "optim.lr=-0.001"),
+    ("optim.lr=fast", "optim.lr='fast'"),
+    ("optim.weight_decay=-0.05", "optim.weight_decay=-0.05"),
+    ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5]"),
+    ("optim.warmup_epochs=-1", "optim.warmup_epochs=-1"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio=2"),
+    ("optim.label_smoothing=1.0", "optim.label_smoothing=1.0"),
+    ("trainer.max_epochs=0", "trainer.max_epochs=0"),
+    ("trainer.max_steps=-5", "trainer.max_steps=-5"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1"),
+    ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches=1.5"),
+    ("trainer.max_time=30min", "trainer.max_time='30min'"),
+    ("trainer.max_epochs=-1", "trainer.max_epochs=-1 and trainer.max_steps=-1"),
+]
+
+
+@pytest.mark.parametrize("override, named", BAD, ids=[b[0] for b in BAD])
+def test_out_of_range_values_are_one_config_error_naming_key_value_and_range(override, named, tmp_path):
+    cfg = compose_train([override], tmp_path)
+    with pytest.raises(ConfigError) as e:
+        check_train_config(cfg)
+    assert named in str(e.value)
+
+
+def test_a_callback_value_out_of_range_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"callbacks.ema.decay=1.5 is out of range: it must be a number in \(0, 1\)"):
+        check_train_config(compose_train(["callbacks=ema", "callbacks.ema.decay=1.5"], tmp_path))
+
+
+def test_every_shipped_config_passes_the_checks(tmp_path):
+    for override in (
+        "experiment=cpu_30min",
+        "experiment=cifar10_best",
+        "trainer=ddp",
+        "callbacks=ema",
+        "model=vit_small",
+    ):
+        check_train_config(compose_train([override, "data.root=/x"], tmp_path))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.weight_decay=-0.1", "error: optim.weight_decay=-0.1 is out of range: it must be a number >= 0"),
+        ("data.batch_size=0", "error: data.batch_size=0 is out of range: it must be an integer >= 1"),
+        ("optim.betas=[0.9,1.5]", "error: optim.betas=[0.9, 1.5] is out of range"),
+    ],
+)
+def test_out_of_range_values_stop_the_cli_before_any_data_is_read(override, message, tmp_path):
+    args = ["data=folder", "data.root=/does/not/exist", *TINY_MODEL, *FAST, override]
+    r = run_module("vit.train", args, tmp_path)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "does not exist" not in r.stderr  # the data was never looked at
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("vit.evaluate", ["batch_size=0"], "batch_size=0 is out of range"),
+        ("vit.evaluate", ["split=train"], "split='train' must be 'test' or 'val'"),
+        ("vit.evaluate", ["num_bins=0"], "num_bins=0 is out of range"),
+        ("vit.attention", ["discard_ratio=1.5"], "discard_ratio=1.5 is out of range"),
+        ("vit.attention", ["head_fusion=median"], "head_fusion='median' must be one of"),
+        ("vit.attention", ["num_images=0"], "num_images=0 is out of range"),
+    ],
+)
+def test_tool_options_are_checked_before_the_checkpoint_is_read(module, args, message, tmp_path):
+    r = run_module(module, ["ckpt_path=/no/such.ckpt", "hydra.run.dir=out", *args], tmp_path)
+    assert r.returncode == 1 and f"error: {message}" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_the_projects_errors_share_one_base_class():
+    for cls in (ConfigError, DataError, CheckpointError, DivergedError, ExportError):
+        assert issubclass(cls, VitError)
+    # ... and stay what Python callers expect to catch.
+    assert issubclass(ConfigError, ValueError) and issubclass(DivergedError, FloatingPointError)

@@ -1,0 +1,102 @@
+"""The run's one measure of progress and the schedules that read it, with numbers; then the clock
+inside real Trainer runs (steps only, a step limit without an epoch count, the world size)."""
+
+import csv
+import math
+
+import lightning as L
+import pytest
+
+from tests.conftest import FAST, TINY_MODEL, compose_train
+from vit.errors import ConfigError
+from vit.module import ViTClassifier
+from vit.schedule import img_size_at, lr_factor, parse_img_size_schedule, run_fraction
+from vit.train import train
+
+
+def test_run_fraction_counts_steps_or_the_time_budget_whichever_is_further():
+    assert run_fraction(0, 100) == 0.0
+    assert run_fraction(25, 100) == 0.25
+    assert run_fraction(25, 100, elapsed_s=90, budget_s=120) == 0.75  # the clock is further along
+    assert run_fraction(80, 100, elapsed_s=30, budget_s=120) == 0.8  # the steps are
+    assert run_fraction(25, 100, elapsed_s=90) == 0.25  # no budget: time does not count
+    assert run_fraction(150, 100) == 1.0 and run_fraction(1, 100, elapsed_s=500, budget_s=120) == 1.0
+    assert run_fraction(10, math.inf, elapsed_s=60, budget_s=120) == 0.5  # no step limit: time alone
+
+
+def test_lr_factor_warms_up_linearly_then_follows_a_half_cosine():
+    warmup, floor = 0.1, 0.01
+    assert lr_factor(0.0, warmup, floor) == 0.0
+    assert lr_factor(0.05, warmup, floor) == pytest.approx(0.5)
+    assert lr_factor(0.1, warmup, floor) == pytest.approx(1.0)
+    assert lr_factor(0.55, warmup, floor) == pytest.approx(floor + (1 - floor) * 0.5)  # half way down
+    assert lr_factor(1.0, warmup, floor) == pytest.approx(floor)
+    quarter = 0.1 + 0.9 * 0.25
+    assert lr_factor(quarter, warmup, floor) == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(0.0, 0.0, 0.0) == 1.0 and lr_factor(1.0, 0.0, 0.0) == pytest.approx(0.0)
+    assert lr_factor(0.5, 1.0, 0.0) == 0.5  # all warmup: never decays
+
+
+def test_img_size_at_follows_the_schedule():
+    schedule = parse_img_size_schedule([[0.7, 32], [0, 16], [0.4, 24]])  # any order in the config
+    assert schedule == [(0.0, 16), (0.4, 24), (0.7, 32)]
+    assert [img_size_at(f, schedule) for f in (0.0, 0.39, 0.4, 0.69, 0.7, 1.0)] == [16, 16, 24, 24, 32, 32]
+    assert img_size_at(0.5, []) is None
+    for bad, match in (([[0.2, 8]], "must start at fraction 0"), ([[0, 8], [1.0, 16]], "below 1"), ([8, 16], "pairs")):
+        with pytest.raises(ConfigError, match=match):
+            parse_img_size_schedule(bad)
+
+
+def _lrs(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return [(int(r["step"]), float(r["lr-AdamW/pg1"])) for r in rows if r.get("lr-AdamW/pg1")]
+
+
+@pytest.mark.slow
+def test_a_step_limit_without_epochs_warms_up_then_decays(folder_data, tmp_path):
+    # Bug (a): with max_epochs=-1 the warmup was derived from max_epochs and spanned the whole run.
+    # 90 training images at 16 a batch: 5 steps an epoch; warmup 0.4 epochs = 2 of the 20 steps.
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "test=false", *TINY_MODEL, *FAST]
+    overrides += ["trainer.max_epochs=-1", "trainer.max_steps=20", "trainer.log_every_n_steps=1"]
+    overrides += ["optim.lr=1e-3", "optim.warmup_epochs=0.4", "optim.min_lr_ratio=0"]
+    train(compose_train(overrides, tmp_path))
+    lrs = dict(_lrs(tmp_path))
+    assert sorted(lrs) == list(range(20))
+    # The learning rate of step k is lr_factor(k / 20, 2 / 20, 0) x 1e-3, exactly as the unit test computes.
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(1e-3 * lr_factor(step / 20, 0.1, 0.0), rel=1e-6, abs=1e-12), step
+    assert lrs[2] == pytest.approx(1e-3) and lrs[19] < 0.01 * 1e-3
+
+
+@pytest.mark.parametrize("devices, num_nodes, world", [(2, 1, 2), (2, 2, 4), (1, 1, 1)])
+def test_lr_scales_with_the_trainers_world_size(devices, num_nodes, world):
+    # Bug (b): the world size was read from trainer.devices in the config (-1 gave a negative
+    # learning rate, "auto" or a list counted 1). The Trainer knows how many processes there are.
+    trainer = L.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False)
+    module = ViTClassifier(
+        model=dict(img_size=16, patch_size=4, num_classes=3, embed_dim=16, depth=1, num_heads=2),
+        lr=1e-3,
+        scale_lr_with_world_size=True,
+    )
+    module.trainer = trainer
+    optimizer = module.configure_optimizers()
+    assert trainer.world_size == world
+    assert [g["peak_lr"] for g in optimizer.param_groups] == [pytest.approx(1e-3 * world)] * 2
+
+
+def test_prepare_data_is_left_to_lightning(folder_data, tmp_path, monkeypatch):
+    # Bug (c): prepare_data() was called by hand on every DDP rank before the Trainer existed, so
+    # several processes could download into one folder at once. Lightning calls it once per node.
+    from vit.data import ImageDataModule
+
+    calls = []
+    real = ImageDataModule.prepare_data
+
+    def record(self):
+        calls.append(self.trainer is not None and self.trainer.local_rank == 0)
+        real(self)
+
+    monkeypatch.setattr(ImageDataModule, "prepare_data", record)
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.fast_dev_run=true"]
+    train(compose_train([*overrides, *TINY_MODEL, *FAST], tmp_path))
+    assert calls == [True]
