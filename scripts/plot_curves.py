@@ -1,4 +1,5 @@
-"""Plot a run's training curves (train loss per step, val accuracy per epoch) from its CSV log.
+"""Plot a run's training curves (train loss per step, val accuracy per epoch) from its CSV log, and
+print its measured training speed per training image size (median of the logged images/second).
 
 python scripts/plot_curves.py outputs/<date>/<time> docs/curve.png [--title "..."]
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +29,15 @@ def main() -> None:
     val = [(int(r["step"]), float(r["val/acc"])) for r in rows if r.get("val/acc")]
     if not loss or not val:
         raise SystemExit(f"error: {args.run_dir}/csv/metrics.csv has no train/loss_step or val/acc rows")
+    # Speeds by training size: train/img_size and the throughput are logged in separate rows of one step.
+    size_at = {int(r["step"]): int(float(r["train/img_size"])) for r in rows if r.get("train/img_size")}
+    speeds = defaultdict(list)
+    for r in rows:
+        if r.get("train/device/samples_per_sec") and int(r["step"]) in size_at:
+            speeds[size_at[int(r["step"])]].append(float(r["train/device/samples_per_sec"]))
+    for size, values in sorted(speeds.items()):
+        print(f"{size} px: median {statistics.median(values):,.0f} img/s over {len(values)} logged steps")
+    print(f"val/acc {val[-1][1]:.2%} at step {val[-1][0]} (best {max(a for _, a in val):.2%})")
     fig, ax1 = plt.subplots(figsize=(6, 3.6))
     ax1.plot(*zip(*loss), color="tab:blue", lw=1, label="train loss (step)")
     ax1.set_xlabel("optimizer step")

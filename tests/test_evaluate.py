@@ -154,7 +154,7 @@ def test_reliability_diagram_and_ece_come_from_the_same_bins():
     assert metrics["ece"] == pytest.approx(float(expected), abs=1e-6)
     rel = metrics["reliability"]
     assert metrics["ece"] == pytest.approx(
-        sum(c / 500 * abs(a - f) for c, a, f in zip(rel["count"], rel["accuracy"], rel["confidence"])), abs=1e-9
+        sum(c / 500 * abs(a - f) for c, a, f in zip(rel["count"], rel["accuracy"], rel["confidence"])), abs=1e-6
     )
 
 

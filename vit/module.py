@@ -77,6 +77,7 @@ class ViTClassifier(L.LightningModule):
         self.train_acc(logits.detach(), hard)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/img_size", float(x.shape[-1]), on_step=True, on_epoch=False)  # progressive resizing
         return loss
 
     def _training_flops(self, shape: tuple[int, ...]) -> int:
