@@ -132,5 +132,7 @@ def as_written_before_the_redesign(ckpt_path: Path, out: Path) -> Path:
     hp["img_size_schedule"] = None
     hp.pop("scale_lr_with_world_size", None)
     raw["lr_schedulers"] = [{"base_lrs": [1e-3, 1e-3], "last_epoch": raw["global_step"], "_step_count": 1}]
+    for group in raw["optimizer_states"][0]["param_groups"]:  # LambdaLR's key, not the run clock's
+        group["initial_lr"] = group.pop("peak_lr")
     torch.save(raw, out)
     return out

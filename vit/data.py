@@ -362,8 +362,7 @@ class ImageDataModule(L.LightningDataModule):
         """(H, W) of the images the network sees: data.img_size, or a folder's first image's size."""
         if self._img_size is None:
             first = next(p for p in sorted((Path(self.root) / "train" / self.class_names[0]).iterdir()) if p.is_file())
-            self._img_size = read_image(first)[0].shape[1:]
-            self._img_size = (int(self._img_size[0]), int(self._img_size[1]))
+            self._img_size = read_image(first)[1]  # its original (H, W)
         return self._img_size
 
     def _folder_classes(self) -> list[str]:

@@ -121,8 +121,7 @@ class ViTClassifier(L.LightningModule):
                 continue
             # Biases, LayerNorm/LayerScale vectors, pos_embed and cls_token get no weight decay.
             (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-        # The linear scaling rule: lr is for one process's batch; the Trainer knows how many there are.
-        peak = hp.lr * (self.trainer.world_size if hp.scale_lr_with_world_size else 1)
+        peak = self.peak_lr()
         return torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": hp.weight_decay, "peak_lr": peak},
@@ -131,6 +130,11 @@ class ViTClassifier(L.LightningModule):
             lr=peak,
             betas=tuple(hp.betas),
         )
+
+    def peak_lr(self) -> float:
+        """optim.lr, times the Trainer's world size with scale_lr_with_world_size (the linear
+        scaling rule: lr is for one process's batch, and the Trainer knows how many there are)."""
+        return self.hparams.lr * (self.trainer.world_size if self.hparams.scale_lr_with_world_size else 1)
 
     def on_train_start(self) -> None:
         self._follow_lr_schedule()
@@ -145,4 +149,5 @@ class ViTClassifier(L.LightningModule):
         factor = lr_factor(self.clock.fraction, self.clock.epochs_to_fraction(hp.warmup_epochs), hp.min_lr_ratio)
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * factor
+                # setdefault: optimizer states resumed from checkpoints of before the run clock lack it.
+                group["lr"] = group.setdefault("peak_lr", self.peak_lr()) * factor
