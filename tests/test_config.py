@@ -108,3 +108,12 @@ def test_the_projects_errors_share_one_base_class():
         assert issubclass(cls, VitError)
     # ... and stay what Python callers expect to catch.
     assert issubclass(ConfigError, ValueError) and issubclass(DivergedError, FloatingPointError)
+
+
+def test_a_run_prints_its_resolved_config_as_a_tree_unless_told_not_to(tmp_path):
+    args = ["data=folder", "data.root=/does/not/exist", *TINY_MODEL, *FAST, "optim.lr=-1"]
+    shown = run_module("vit.train", args, tmp_path)
+    assert "optim" in shown.stdout and "lr: -1" in shown.stdout and "embed_dim: 32" in shown.stdout
+    assert shown.returncode == 1 and "error: optim.lr=-1 is out of range" in shown.stderr
+    quiet = run_module("vit.train", [*args, "print_config=false"], tmp_path)
+    assert "embed_dim" not in quiet.stdout and quiet.returncode == 1

@@ -4,14 +4,15 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
+from vit.errors import CheckpointError
 from vit.model import (
     Attention,
     PatchEmbed,
     VisionTransformer,
-    load_timm_weights,
     resample_pos_embed,
     sincos_pos_embed_2d,
 )
+from vit.pretrained import load_timm_weights
 
 TINY = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, num_heads=4)
 
@@ -28,6 +29,10 @@ PARITY = [
     dict(TINY, no_embed_class=True),
     dict(TINY, in_chans=1, num_classes=3),
     dict(TINY, global_pool="avg", fc_norm=False),
+    # Registers (timm's reg_tokens): after the class token, with or without positions of their own.
+    dict(TINY, reg_tokens=4),
+    dict(TINY, reg_tokens=2, no_embed_class=True),
+    dict(TINY, reg_tokens=1, class_token=False, global_pool="avg"),
 ]
 
 
@@ -118,8 +123,9 @@ def test_timm_parity_both_directions(kw):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_timm_gradient_parity(fused):
-    kw = dict(TINY, init_values=1e-1)
+@pytest.mark.parametrize("extra", [{}, {"reg_tokens": 3}], ids=["plain", "registers"])
+def test_timm_gradient_parity(fused, extra):
+    kw = dict(TINY, init_values=1e-1, **extra)
     ours, theirs = _pair(kw)
     ours = VisionTransformer(**kw, fused_attn=fused)
     theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -198,30 +204,39 @@ def test_resample_pos_embed_is_identity_for_same_grid_and_smooth_otherwise():
 
 
 def test_patch_kernel_resize_preserves_embeddings():
-    from vit.model import resample_patch_kernel
-
+    # load_timm_weights resizes kernels with timm's resample_patch_embed (bicubic, FlexiViT).
     torch.manual_seed(0)
     w = torch.randn(6, 3, 4, 4)
-    # Upsizing the kernel is exact (FlexiViT): <x, w> == <resize(x), resize(w)> for any patch x.
-    w_big = resample_patch_kernel(w, (8, 8))
+    src = {
+        k: v
+        for k, v in TimmViT(img_size=16, patch_size=4, num_classes=5, embed_dim=6, depth=1, num_heads=2)
+        .state_dict()
+        .items()
+    }
+    src["patch_embed.proj.weight"] = w
+    ours = load_timm_weights(
+        VisionTransformer(img_size=32, patch_size=8, num_classes=5, embed_dim=6, depth=1, num_heads=2), src
+    )
+    w_big = ours.patch_embed.proj.weight.detach()
+    assert w_big.shape == (6, 3, 8, 8)
+    # Upsizing the kernel is exact: <x, w> == <resize(x), resize(w)> for any patch x.
     x = torch.randn(5, 3, 4, 4)
-    x_big = torch.nn.functional.interpolate(x, size=(8, 8), mode="bilinear", antialias=True)
+    x_big = torch.nn.functional.interpolate(x, size=(8, 8), mode="bicubic", antialias=True)
     torch.testing.assert_close(
         torch.einsum("bchw,dchw->bd", x_big, w_big), torch.einsum("bchw,dchw->bd", x, w), atol=1e-4, rtol=1e-4
     )
-    assert resample_patch_kernel(w_big, (2, 2)).shape == (6, 3, 2, 2)  # downsizing: least squares
 
 
 def test_load_timm_weights_rejects_mismatched_model(tmp_path):
     src = TimmViT(img_size=16, patch_size=4, num_classes=5, embed_dim=48, depth=2, num_heads=4)
     ours = VisionTransformer(**TINY)
-    with pytest.raises(ValueError, match="does not fit this model"):
+    with pytest.raises(CheckpointError, match="does not fit this model"):
         load_timm_weights(ours, src.state_dict())
     bad = tmp_path / "junk.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not read"):
+    with pytest.raises(CheckpointError, match="could not read"):
         load_timm_weights(ours, bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="timm checkpoint not found"):
         load_timm_weights(ours, tmp_path / "missing.pth")
 
 
@@ -249,7 +264,13 @@ def test_bad_input_shape_raises_value_error(shape):
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(TINY), dict(TINY, class_token=False, global_pool="avg"), dict(TINY, no_embed_class=True)]
+    "kw",
+    [
+        dict(TINY),
+        dict(TINY, class_token=False, global_pool="avg"),
+        dict(TINY, no_embed_class=True),
+        dict(TINY, reg_tokens=2),
+    ],
 )
 @pytest.mark.parametrize("size", [(8, 8), (24, 12), (16, 16)])
 def test_dynamic_img_size_matches_timm(kw, size):
@@ -319,3 +340,15 @@ def test_class_token_forward_with_drop_path_uses_the_same_random_stream_as_timm(
     torch.manual_seed(5)
     b = theirs.train()(x)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_registers_sit_after_the_class_token_and_are_read_by_no_head():
+    m = VisionTransformer(**dict(TINY, reg_tokens=3)).eval()
+    assert m.num_prefix_tokens == 4 and m.reg_token.shape == (1, 3, 32) and "reg_token" in m.no_weight_decay()
+    x = _images(TINY)
+    feats = m.forward_features(x)
+    assert feats.shape == (3, 1 + 3 + 16, 32)
+    torch.testing.assert_close(m(x), m.forward_head(feats), atol=1e-5, rtol=0)  # the class-token-only last block
+    avg = VisionTransformer(**dict(TINY, reg_tokens=2, class_token=False, global_pool="avg")).eval()
+    f = avg.forward_features(x)
+    torch.testing.assert_close(avg.forward_head(f, pre_logits=True), avg.fc_norm(f[:, 2:].mean(1)))  # patches only

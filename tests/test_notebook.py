@@ -26,3 +26,4 @@ def test_notebook_runs(tmp_path, monkeypatch):
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "rows sum to one: True" in outputs
     assert "(2, 4, 2, 17, 17)" in outputs  # depth 2, 4 images, 2 heads, 1 + 16 tokens
+    assert "self-similarity is 1: True" in outputs and "mean attention distance (px), block x head:" in outputs

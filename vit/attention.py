@@ -119,15 +119,19 @@ def rollout(
     num_prefix_tokens: int = 1,
     grid_size: tuple[int, int] | None = None,
     grads: torch.Tensor | None = None,
+    class_token: bool | None = None,
 ) -> torch.Tensor:
     """Attention rollout (Abnar & Zuidema, 2020): (depth, B, heads, N, N) -> (B, grid_h, grid_w).
 
     Per layer: fuse heads (mean/max/min; with `grads`, the mean of the positive part of
     gradient x attention), zero the lowest `discard_ratio` of the weights (never those on the
-    prefix/class-token columns), add the identity for the residual path, re-normalize each row to
-    sum to one, and multiply the layers together. The map is the class token's row over the
-    patches; without a class token (`num_prefix_tokens=0`), the mean over all token rows.
+    prefix columns: class token, registers), add the identity for the residual path,
+    re-normalize each row to sum to one, and multiply the layers together. The map is the class
+    token's row over the patches; without a class token, the mean of the patch tokens' rows.
+    The first `num_prefix_tokens` tokens are the class token (when `class_token`, by default
+    when there is any prefix) and the registers; the map covers patch tokens only.
     """
+    class_token = num_prefix_tokens > 0 if class_token is None else class_token
     check_rollout_options(head_fusion, discard_ratio)
     depth, B, _, N, _ = maps.shape
     num_patches = N - num_prefix_tokens
@@ -160,17 +164,17 @@ def rollout(
         a = (fused + eye) / 2  # the residual connection carries half the signal
         a = a / a.sum(dim=-1, keepdim=True)  # rows sum to one again
         joint = a @ joint  # later layers apply after earlier ones
-    if num_prefix_tokens > 0:
+    if class_token:
         mask = joint[:, 0, num_prefix_tokens:]  # class token -> patches
     else:
-        mask = joint.mean(dim=1)  # no class token: average over all tokens
+        mask = joint[:, num_prefix_tokens:, num_prefix_tokens:].mean(dim=1)  # no class token: mean of patch rows
     return mask.reshape(B, *grid_size)
 
 
 # -- figures --------------------------------------------------------------------------------
 
 
-def _overlay(ax: plt.Axes, image: torch.Tensor, heat: torch.Tensor, title: str) -> None:
+def overlay(ax: plt.Axes, image: torch.Tensor, heat: torch.Tensor, title: str) -> None:
     """Draw a (gh, gw) map upsampled to the image and overlaid on it."""
     H, W = image.shape[1:]
     heat = F.interpolate(heat[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
@@ -192,14 +196,16 @@ def attention_figure(
 ) -> plt.Figure:
     """One image (uint8 (3, H, W)) with its maps (depth, heads, N, N) of one sample."""
     grid = model.patch_embed.grid_size
-    prefix = model.num_prefix_tokens
+    prefix, has_cls = model.num_prefix_tokens, model.cls_token is not None
     last = maps[-1]  # (heads, N, N)
-    if prefix:
+    if has_cls:
         per_head = last[:, 0, prefix:]  # class token's attention to each patch
         source = "class-token attention"
     else:
-        per_head = last[:, :, :].mean(dim=1)  # mean over query tokens
-        source = "mean attention over tokens (no class token)"
+        per_head = last[:, prefix:, prefix:].mean(dim=1)  # mean over patch queries
+        source = "mean attention over patch tokens (no class token)"
+    if model.num_reg_tokens:
+        source += f"; {model.num_reg_tokens} register tokens skipped"
     heads = per_head.shape[0]
     panels = 1 + heads + 1 + (grads is not None)
     fig, axes = plt.subplots(1, panels, figsize=(2.2 * panels, 2.6))
@@ -207,12 +213,14 @@ def attention_figure(
     axes[0].set_title("input", fontsize=8)
     axes[0].axis("off")
     for h in range(heads):
-        _overlay(axes[1 + h], image, per_head[h].reshape(grid), f"last layer, head {h}")
-    roll = rollout(maps[:, None], head_fusion, discard_ratio, prefix, grid)[0]
-    _overlay(axes[1 + heads], image, roll, f"rollout ({head_fusion}, discard {discard_ratio:g})")
+        overlay(axes[1 + h], image, per_head[h].reshape(grid), f"last layer, head {h}")
+    roll = rollout(maps[:, None], head_fusion, discard_ratio, prefix, grid, class_token=has_cls)[0]
+    overlay(axes[1 + heads], image, roll, f"rollout ({head_fusion}, discard {discard_ratio:g})")
     if grads is not None:
-        groll = rollout(maps[:, None], "mean", discard_ratio, prefix, grid, grads=grads[:, None])[0]
-        _overlay(axes[2 + heads], image, groll, "gradient rollout")
+        groll = rollout(maps[:, None], "mean", discard_ratio, prefix, grid, grads=grads[:, None], class_token=has_cls)[
+            0
+        ]
+        overlay(axes[2 + heads], image, groll, "gradient rollout")
     fig.suptitle(f"{title}\n{source}", fontsize=9)
     fig.tight_layout()
     return fig

@@ -10,6 +10,7 @@ sweeper goes on: the basic sweeper runs the other jobs, Optuna's counts the fail
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -23,9 +24,29 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vit.config import CONFIG_DIR
-from vit.errors import VitError
+from vit.errors import ConfigError, VitError
 
 log = logging.getLogger("vit")
+
+
+# Command-line choices that need a Hydra plugin from an optional extra: (plugin module, extra).
+PLUGIN_CHOICES = {
+    "hparams_search=optuna": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
+    "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "cluster"),
+    "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "cluster"),
+}
+
+
+def check_plugins(args: list[str]) -> None:
+    """ConfigError naming the extra to install when an override asks for a Hydra plugin that is
+    not installed (Hydra itself would only say that the config group has no such option)."""
+    for arg in args:
+        module, extra = PLUGIN_CHOICES.get(arg.lstrip("+~").replace(" ", ""), (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"{arg} needs the {extra} extra, which is not installed: pip install 'vit-cifar[{extra}]'"
+            )
 
 
 class JobFailed(CompactHydraException):
@@ -56,6 +77,11 @@ def hydra_cli(task: Callable[[DictConfig], Any], config_name: str) -> Callable[[
             raise JobFailed(f"job #{hc.job.num} failed: {e}") from e  # the sweeper marks this job failed
 
     def main() -> None:
+        try:
+            check_plugins(sys.argv[1:])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         try:
             job()
         finally:

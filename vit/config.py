@@ -8,6 +8,7 @@ network is built, also before any image is decoded.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from collections.abc import Callable
@@ -19,8 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from vit.errors import ConfigError
 from vit.schedule import parse_img_size_schedule
 
-# The Hydra configs live at the repository's top level (conf/); the project installs editable.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# The Hydra configs: installed beside this module as vit/conf by a regular or wheel install; in an
+# editable install (or a checkout on PYTHONPATH), the repository's top-level conf/.
+_INSTALLED = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = str(_INSTALLED if (_INSTALLED / "train.yaml").is_file() else Path(__file__).resolve().parents[1] / "conf")
 
 
 def _is_int(v: Any) -> bool:
@@ -76,6 +79,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.embed_dim": INT_GE1,
     "model.depth": INT_GE1,
     "model.num_heads": INT_GE1,
+    "model.reg_tokens": INT_GE0,
     "model.mlp_ratio": POSITIVE,
     "model.init_values": _optional(POSITIVE),
     "model.drop_rate": RATE,
@@ -105,6 +109,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "callbacks.ema.decay": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
     "callbacks.last_checkpoint.every_n_train_steps": _optional(INT_GE1),
     "callbacks.throughput.window_size": INT_GE1,
+    "callbacks.attention.every_n_epochs": INT_GE1,
+    "callbacks.attention.num_images": INT_GE1,
+    "callbacks.attention.discard_ratio": RATE,
 }
 
 EVAL_RULES: dict[str, Rule] = {
@@ -127,9 +134,28 @@ def check_rules(cfg: DictConfig, rules: dict[str, Rule]) -> None:
             raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}")
 
 
+# Loggers whose package is optional: (importable modules, any one will do; what to install).
+OPTIONAL_LOGGERS = {
+    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "pip install 'vit-cifar[tensorboard]'"),
+    "WandbLogger": (("wandb",), "pip install wandb"),
+    "MLFlowLogger": (("mlflow",), "pip install mlflow"),
+}
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """ConfigError naming what to install when a configured logger's package is missing."""
+    for name, logger in (cfg.get("logger") or {}).items():
+        if logger is None:
+            continue
+        modules, install = OPTIONAL_LOGGERS.get(str(logger.get("_target_", "")).rsplit(".", 1)[-1], ((), ""))
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise ConfigError(f"logger {name!r} needs the {modules[0]} package, which is not installed: {install}")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Everything that can be checked from the config alone, before any data is read."""
     check_rules(cfg, TRAIN_RULES)
+    check_loggers(cfg)
     data, model, optim, trainer = cfg.data, cfg.model, cfg.get("optim") or {}, cfg.trainer
     img_size = data.get("img_size")
     if img_size is not None:
@@ -164,3 +190,19 @@ def check_train_config(cfg: DictConfig) -> None:
             "trainer.max_epochs=-1 and trainer.max_steps=-1 give the run no end for its schedules to follow; "
             "set trainer.max_steps or trainer.max_epochs (trainer.max_time may still end it sooner)"
         )
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """The resolved config as a tree, one branch per group (as lightning-hydra-template prints it);
+    the same config is saved in the run folder as .hydra/config.yaml."""
+    import rich
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        if key == "hydra":
+            continue
+        text = OmegaConf.to_yaml(value, resolve=True) if OmegaConf.is_config(value) else f"{value}\n"
+        tree.add(str(key)).add(Syntax(text.rstrip(), "yaml", background_color="default"))
+    rich.print(tree)

@@ -1,7 +1,7 @@
 """A Vision Transformer written from scratch, weight-for-weight compatible with timm.
 
-Pure PyTorch: no Lightning, no Hydra, no file I/O except `load_timm_weights`, which reads a
-checkpoint a user hands it. Module and parameter names follow
+Pure PyTorch: no Lightning, no Hydra, no file I/O (`vit.pretrained` loads timm checkpoints).
+Module and parameter names follow
 `timm.models.vision_transformer.VisionTransformer`, so checking against timm is
 `load_state_dict(strict=True)` plus equal logits, with no key mapping.
 
@@ -11,7 +11,6 @@ checkpoint a user hands it. Module and parameter names follow
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ __all__ = [
     "Block",
     "VisionTransformer",
     "sincos_pos_embed_2d",
-    "load_timm_weights",
+    "resample_pos_embed",
 ]
 
 GLOBAL_POOLS = ("token", "avg", "")
@@ -280,6 +279,7 @@ class VisionTransformer(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2021) with timm's keywords, defaults and names.
 
     Extra over timm: `pos_embed="sincos"` (a fixed buffer, not a parameter) and `fused_attn`.
+    `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
     """
 
@@ -298,6 +298,7 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         init_values: float | None = None,
         class_token: bool = True,
+        reg_tokens: int = 0,
         pos_embed: str = "learn",
         no_embed_class: bool = False,
         fc_norm: bool | None = None,
@@ -324,6 +325,7 @@ class VisionTransformer(nn.Module):
             "qkv_bias": qkv_bias,
             "init_values": init_values,
             "class_token": class_token,
+            "reg_tokens": reg_tokens,
             "pos_embed": pos_embed,
             "no_embed_class": no_embed_class,
             "fc_norm": fc_norm,
@@ -341,9 +343,10 @@ class VisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
-        if depth < 1 or embed_dim < 1 or num_classes < 0:
+        if depth < 1 or embed_dim < 1 or num_classes < 0 or reg_tokens < 0:
             raise ValueError(
-                f"need depth >= 1, embed_dim >= 1, num_classes >= 0; got {depth}, {embed_dim}, {num_classes}"
+                "need depth >= 1, embed_dim >= 1, num_classes >= 0, reg_tokens >= 0; "
+                f"got {depth}, {embed_dim}, {num_classes}, {reg_tokens}"
             )
         for name, rate in (
             ("drop_rate", drop_rate),
@@ -359,13 +362,16 @@ class VisionTransformer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
+        # Prefix tokens, in timm's order: [class token], registers (Darcet et al. 2024), then patches.
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.num_reg_tokens = reg_tokens
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
         if pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
@@ -373,7 +379,7 @@ class VisionTransformer(nn.Module):
             # Fixed, so a buffer rebuilt at construction rather than stored in checkpoints.
             pe = sincos_pos_embed_2d(self.patch_embed.grid_size, embed_dim)
             if not no_embed_class and self.num_prefix_tokens:
-                pe = torch.cat([pe.new_zeros(self.num_prefix_tokens, embed_dim), pe])  # class token: no position
+                pe = torch.cat([pe.new_zeros(self.num_prefix_tokens, embed_dim), pe])  # prefix tokens: no position
             self.register_buffer("pos_embed", pe[None], persistent=False)
         else:
             self.pos_embed = None
@@ -410,6 +416,8 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -417,7 +425,7 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "reg_token"}
 
     # -- forward ---------------------------------------------------------------------------
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -434,17 +442,15 @@ class VisionTransformer(nn.Module):
         return torch.cat([pe[0, :prefix], new])[None]
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """(B, N, D) patch tokens -> (B, prefix + N, D) with class token and positions."""
-        cls = self.cls_token.expand(x.shape[0], -1, -1) if self.cls_token is not None else None
+        """(B, N, D) patch tokens -> (B, prefix + N, D): class token, registers, patches, positions."""
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         pos_embed = self._pos_embed_for(grid) if grid is not None else self.pos_embed
-        if self.no_embed_class:
+        if self.no_embed_class:  # positions for the patches only: add, then prepend
             if pos_embed is not None:
                 x = x + pos_embed
-            if cls is not None:
-                x = torch.cat([cls, x], dim=1)
-        else:
-            if cls is not None:
-                x = torch.cat([cls, x], dim=1)
+            x = torch.cat([*prefix, x], dim=1) if prefix else x
+        else:  # positions for every token: prepend, then add
+            x = torch.cat([*prefix, x], dim=1) if prefix else x
             if pos_embed is not None:
                 x = x + pos_embed
         return self.pos_drop(x)
@@ -490,29 +496,7 @@ class VisionTransformer(nn.Module):
         return self.forward_head(x)
 
 
-# -- loading timm checkpoints --------------------------------------------------------------
-
-
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"timm checkpoint not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd: Any = load_file(path, device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or a pickle that is not plain weights
-        raise ValueError(f"could not read {path} as a weights file (.pth, .bin or .safetensors): {e}") from e
-    for key in ("state_dict", "model", "state_dict_ema"):  # common wrappers around the weights
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return sd
+# -- position embeddings for another grid (dynamic_img_size) --------------------------------
 
 
 def resample_pos_embed(
@@ -532,61 +516,3 @@ def resample_pos_embed(
     grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
-
-
-def resample_patch_kernel(weight: torch.Tensor, new_size: tuple[int, int]) -> torch.Tensor:
-    """Resize a patch-embedding kernel (D, C, p, p) -> (D, C, P, P) so that a patch, resized the
-    same way, gives (approximately) the same embedding: FlexiViT's pseudo-inverse resize."""
-    old_size = tuple(weight.shape[-2:])
-    if old_size == tuple(new_size):
-        return weight
-    n_old = old_size[0] * old_size[1]
-    basis = torch.eye(n_old, dtype=torch.float64).reshape(n_old, 1, *old_size)
-    # Column i: basis patch i resized to the new patch size. (n_new, n_old)
-    resize = F.interpolate(basis, size=new_size, mode="bilinear", antialias=True, align_corners=False)
-    resize = resize.reshape(n_old, -1).T
-    pinv = torch.linalg.pinv(resize.T)  # (n_new, n_old)
-    D, C = weight.shape[:2]
-    w = weight.reshape(D * C, n_old).double() @ pinv.T  # (D*C, n_new)
-    return w.reshape(D, C, *new_size).to(weight.dtype)
-
-
-def load_timm_weights(
-    model: VisionTransformer, state_dict_or_path: dict[str, torch.Tensor] | str | os.PathLike
-) -> VisionTransformer:
-    """Load a timm ViT checkpoint (a state dict, or a .pth/.bin/.safetensors file) into `model`.
-
-    The position embedding is resampled when the patch grid differs, the patch kernel when the
-    patch size differs, and the classifier head is kept at its fresh init when the class count
-    differs (fine-tuning). Anything else that does not fit raises ValueError.
-    """
-    if isinstance(state_dict_or_path, dict):
-        sd = dict(state_dict_or_path)
-    else:
-        sd = _read_state_dict(state_dict_or_path)
-    own = model.state_dict()
-
-    w = sd.get("patch_embed.proj.weight")
-    if w is not None and w.shape[-2:] != own["patch_embed.proj.weight"].shape[-2:]:
-        sd["patch_embed.proj.weight"] = resample_patch_kernel(w, model.patch_embed.patch_size)
-    pe = sd.get("pos_embed")
-    if pe is not None and "pos_embed" in own and pe.shape != own["pos_embed"].shape:
-        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-        sd["pos_embed"] = resample_pos_embed(pe, model.patch_embed.grid_size, prefix)
-    head_mismatch = any(k in sd and sd[k].shape != own[k].shape for k in ("head.weight", "head.bias") if k in own)
-    if head_mismatch:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        sd.update({k: v for k, v in own.items() if k.startswith("head.")})
-
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong = sorted(k for k in set(own) & set(sd) if sd[k].shape != own[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(
-            "timm checkpoint does not fit this model: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shape {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}; "
-            "check embed_dim, depth, class_token, global_pool and qkv_bias against the checkpoint"
-        )
-    model.load_state_dict(sd, strict=True)
-    return model

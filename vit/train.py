@@ -15,23 +15,37 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vit.checkpoint import read_checkpoint, recorded_model_config
 from vit.cli import hydra_cli
-from vit.config import check_train_config
+from vit.config import check_train_config, print_config_tree
 from vit.data import ImageDataModule
-from vit.errors import CheckpointError, ConfigError
-from vit.model import VisionTransformer, load_timm_weights
+from vit.errors import CheckpointError, ConfigError, VitError
+from vit.model import VisionTransformer
 from vit.module import ViTClassifier
+from vit.pretrained import load_timm_weights
 
 log = logging.getLogger("vit")
 
 
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with our own errors (and the libraries' complaints about a bad
+    value, such as an unknown trainer.precision) surfacing as one config error, not Hydra's wrapper."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, VitError):
+            raise e.__cause__ from None
+        raise ConfigError(str(e.__cause__ or e).strip()) from e
+
+
 def build_datamodule(cfg: DictConfig) -> ImageDataModule:
     """The DataModule; it reads no image until Lightning calls prepare_data and setup."""
-    return hydra.utils.instantiate(cfg.data, _convert_="all")
+    return _instantiate(cfg.data, _convert_="all")
 
 
 def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
@@ -71,13 +85,15 @@ def check_resumable(ckpt_path: str, module: ViTClassifier) -> None:
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers: list[Logger] = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks = [_instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers: list[Logger] = [_instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    return _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and test) as configured; returns the final metrics (floats)."""
+    if cfg.get("print_config") and rank_zero_only.rank == 0:
+        print_config_tree(cfg)
     check_train_config(cfg)
     if cfg.get("ckpt_path") and not os.path.isfile(cfg.ckpt_path):
         raise CheckpointError(f"checkpoint not found: ckpt_path={cfg.ckpt_path}")
