@@ -16,8 +16,8 @@ from vit.outputs import plt
 
 
 class AttentionRolloutMonitor(L.Callback):
-    """Every `every_n_epochs` epochs, after validation, draw attention rollout for the first
-    `num_images` validation images (the same ones each time) and hand the figure to each logger:
+    """Every `every_n_epochs` epochs, after validation, draw attention rollout for `num_images`
+    validation images (evenly spaced over the split, the same ones each time) and hand the figure to each logger:
     TensorBoard gets it as an image (`attention/rollout`), the CSV logger as
     `attention/rollout_epoch<N>.png` in its folder; with neither, the PNG goes to the run folder's
     `attention/`. Rank 0 only; one forward pass of `num_images` through the explicit attention path."""
@@ -33,7 +33,9 @@ class AttentionRolloutMonitor(L.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         dm, net = trainer.datamodule, pl_module.net
-        images = dm.val_set.images[: self.num_images]  # uint8 (n, C, H, W)
+        # Evenly spaced over the split (which is ordered by class): several classes, the same images each time.
+        every = torch.linspace(0, len(dm.val_set) - 1, min(self.num_images, len(dm.val_set))).long()
+        images = dm.val_set.images[every]  # uint8 (n, C, H, W)
         maps = attention_maps(net, dm.pipeline.normalize(images.to(pl_module.device)))
         heat = rollout(
             maps.float().cpu(),

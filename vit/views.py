@@ -151,7 +151,8 @@ def run_views(cfg: DictConfig) -> dict[str, Any]:
     check_rules(cfg, EVAL_RULES | {"components": EVAL_RULES["num_images"]})
     check_split(cfg.split)
     ckpt = load_checkpoint(os.path.expanduser(cfg.ckpt_path))
-    model, name = ckpt.model, Path(cfg.ckpt_path).name
+    path = Path(cfg.ckpt_path)
+    model, name = ckpt.model, "/".join(path.parts[-3:])  # <run>/checkpoints/<file>
     grid, patch = model.patch_embed.grid_size, model.patch_embed.patch_size
     dm = build_eval_data(ckpt, None, cfg.split)  # before any file is written: a bad split fails first
     images = (dm.test_set if cfg.split == "test" else dm.val_set).images[: cfg.num_images]
