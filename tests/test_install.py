@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import FAST, REPO, TINY_MODEL, cli_env, compose_train, run_module
 from vit.checkpoint import load_model
-from vit.cli import check_plugins
+from vit.cli import check_plugins, installed
 from vit.config import check_train_config
 from vit.errors import ConfigError
 
@@ -66,6 +66,8 @@ def test_a_choice_that_needs_a_missing_extra_names_the_extra(tmp_path, monkeypat
     with pytest.raises(ConfigError, match=r"needs the cluster extra.*vit-cifar\[cluster\]"):
         check_plugins(["-m", "hydra/launcher=submitit_slurm"])
     check_plugins(["logger=csv", "model.depth=3"])  # nothing optional asked for
+    # Without the extra, not even the plugins' parent package exists: find_spec itself raises.
+    assert not installed("no_such_plugins_package.hydra_optuna_sweeper") and installed("vit.cli")
 
 
 def test_the_cli_names_the_missing_extra_in_one_line(tmp_path):

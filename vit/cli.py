@@ -38,12 +38,20 @@ PLUGIN_CHOICES = {
 }
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (find_spec raises when even its parent package is absent)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def check_plugins(args: list[str]) -> None:
     """ConfigError naming the extra to install when an override asks for a Hydra plugin that is
     not installed (Hydra itself would only say that the config group has no such option)."""
     for arg in args:
         module, extra = PLUGIN_CHOICES.get(arg.lstrip("+~").replace(" ", ""), (None, None))
-        if module and importlib.util.find_spec(module) is None:
+        if module and not installed(module):
             raise ConfigError(
                 f"{arg} needs the {extra} extra, which is not installed: pip install 'vit-cifar[{extra}]'"
             )
