@@ -68,14 +68,23 @@ def build_eval_data(ckpt: Checkpoint, data_cfg: dict[str, Any] | None, split: st
 
 
 @torch.inference_mode()
-def predict_logits(ckpt: Checkpoint, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Logits (N, K) for uint8 images (N, C, H, W), normalized as the checkpoint records, in batches."""
+def predict_logits(
+    ckpt: Checkpoint, images: torch.Tensor, batch_size: int, device: torch.device, flip: bool = False
+) -> torch.Tensor:
+    """Logits (N, K) for uint8 images (N, C, H, W), normalized as the checkpoint records, in
+    batches; with `flip`, of the horizontally flipped images."""
     model = ckpt.model.to(device).eval()
-    out = [
-        model(ckpt.normalize(images[i : i + batch_size].to(device))).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = ckpt.normalize(images[i : i + batch_size].to(device))
+        out.append(model(x.flip(-1) if flip else x).float().cpu())
     return torch.cat(out)
+
+
+def flip_tta(logits: torch.Tensor, flipped_logits: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean of the two predicted distributions (image and its mirror
+    image), returned as log-probabilities, so that softmax gives the averaged distribution."""
+    return ((logits.softmax(dim=1) + flipped_logits.softmax(dim=1)) / 2).log()
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int) -> dict[str, Any]:
@@ -166,7 +175,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm = build_eval_data(ckpt, data_cfg, cfg.split)
     ds = dm.test_set if cfg.split == "test" else dm.val_set
     logits = predict_logits(ckpt, ds.images, cfg.batch_size, device)
-    metrics = compute_metrics(logits, ds.labels, ckpt.class_names, cfg.num_bins)
+    plain = compute_metrics(logits, ds.labels, ckpt.class_names, cfg.num_bins)
+    if cfg.get("tta"):  # report both: with the flip averaged in, and without
+        logits = flip_tta(logits, predict_logits(ckpt, ds.images, cfg.batch_size, device, flip=True))
+        metrics = compute_metrics(logits, ds.labels, ckpt.class_names, cfg.num_bins)
+        metrics.update(tta="hflip", top1_without_tta=plain["top1"], top5_without_tta=plain["top5"])
+    else:
+        metrics = dict(plain, tta=None)
     metrics.update(ckpt_path=os.path.abspath(cfg.ckpt_path), split=cfg.split, dataset=dm.name, root=dm.root)
 
     out = Path(cfg.paths.output_dir)
@@ -179,8 +194,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     table = Table(title=f"{dm.name} {cfg.split}: {metrics['num_samples']} images")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name in ("top1", "top5", "ece"):
-        table.add_row(name, f"{metrics[name]:.4f}")
+    for name in ("top1", "top5", "ece", "top1_without_tta"):
+        if name in metrics:
+            table.add_row(name, f"{metrics[name]:.4f}")
     for name, acc in metrics["per_class_accuracy"].items():
         table.add_row(f"  {name}", f"{acc:.4f}")
     Console().print(table)
