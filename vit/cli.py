@@ -93,7 +93,7 @@ def hydra_cli(task: Callable[[DictConfig], Any], config_name: str) -> Callable[[
         try:
             job()
         finally:
-            if failed and any(failed):  # a sweep: name every failed job, however it ended
+            if any(failed):  # a sweep: name every failed job, however it ended
                 print(
                     f"error: {len(failed)} of {jobs[0]} jobs failed: {', '.join(failed)}", file=sys.stderr, flush=True
                 )
