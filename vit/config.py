@@ -120,6 +120,7 @@ EVAL_RULES: dict[str, Rule] = {
     "num_images": INT_GE1,
     "discard_ratio": RATE,
     "topk": INT_GE1,
+    "components": INT_GE1,
 }
 
 

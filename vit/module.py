@@ -119,7 +119,7 @@ class ViTClassifier(L.LightningModule):
         for name, p in self.net.named_parameters():
             if not p.requires_grad:
                 continue
-            # Biases, LayerNorm/LayerScale vectors, pos_embed and cls_token get no weight decay.
+            # Biases, LayerNorm/LayerScale vectors and net.no_weight_decay() (positions, class and register tokens) get none.
             (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
         peak = self.peak_lr()
         return torch.optim.AdamW(

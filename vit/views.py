@@ -148,7 +148,7 @@ def distance_figure(distance: torch.Tensor, img_size: tuple[int, int], title: st
 
 
 def run_views(cfg: DictConfig) -> dict[str, Any]:
-    check_rules(cfg, EVAL_RULES | {"components": EVAL_RULES["num_images"]})
+    check_rules(cfg, EVAL_RULES)
     check_split(cfg.split)
     ckpt = load_checkpoint(os.path.expanduser(cfg.ckpt_path))
     path = Path(cfg.ckpt_path)
