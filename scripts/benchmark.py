@@ -7,8 +7,14 @@ Both models are built with the same keywords and weights, then measured interlea
     python scripts/benchmark.py --device cuda          # bf16 autocast on CUDA
     python scripts/benchmark.py --compile              # also torch.compile'd variants
     python scripts/benchmark.py --data-root $HOME/data/cifar10-jpeg   # data pipeline on real images
+    python scripts/benchmark.py --loop --data-root $HOME/data/cifar10-jpeg --img-size-at 16
 
 Prints a markdown table and writes JSON (--json).
+
+`--loop` measures the training loop instead of the model: vit-train's step (Lightning's Trainer
+with the experiment's callbacks, metrics and logging, as `vit-train experiment=cpu_30min` builds
+it) against a bare PyTorch step over the same model, optimizer, loader and batch pipeline, at one
+training size, interleaved; the ratio is the share of the bare loop's speed that vit-train keeps.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch import Callback
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -158,6 +166,94 @@ def data_pipeline_rate(root: str | None, batch_size: int, num_workers: int, batc
     return n / (time.perf_counter() - t)
 
 
+class StepTimes(Callback):
+    """perf_counter() at the start of every training batch: what a step costs between two
+    batches, loader, transfer hook, callbacks and logging included."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.times.append(time.perf_counter())
+
+
+def seconds_per_step(times: list[float], skip: int) -> float:
+    """Median of the gaps between consecutive batch starts, after `skip` warm-up steps."""
+    return statistics.median(b - a for a, b in zip(times[skip:], times[skip + 1 :]))
+
+
+def loop_comparison(args: argparse.Namespace) -> dict:
+    """vit-train's Trainer step against a bare step, same model, optimizer, loader and pipeline."""
+    from hydra import compose, initialize_config_dir
+
+    from vit.config import CONFIG_DIR
+    from vit.train import build_datamodule, build_module, build_trainer
+
+    out = tempfile.mkdtemp(prefix="loop-benchmark-")
+    steps = args.loop_steps + args.loop_skip + 1
+    overrides = [
+        f"experiment={args.experiment}",
+        f"data.root={args.data_root}",
+        "data.num_workers=0",
+        f"data.img_size_schedule=[[0,{args.img_size_at}]]",  # one training size for the whole run
+        f"paths.output_dir={out}",
+        f"trainer.max_steps={steps}",
+        "trainer.max_time=null",
+        "trainer.limit_val_batches=0",
+        "trainer.num_sanity_val_steps=0",
+        "optim.schedule_by_time=false",
+        "callbacks.progress=null",  # vit-train runs logged to a file keep this off
+        *args.override,
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    ls = cfg.optim.label_smoothing
+
+    def trainer_step() -> float:
+        torch.manual_seed(0)
+        module, timer = build_module(cfg, dm), StepTimes()
+        trainer = build_trainer(cfg)
+        trainer.callbacks.append(timer)
+        trainer.fit(module, datamodule=dm)
+        return seconds_per_step(timer.times, args.loop_skip)
+
+    def bare_step() -> float:
+        torch.manual_seed(0)
+        module = build_module(cfg, dm)
+        net, opt = module.net.train(), module.configure_optimizers()
+        times = []
+        for images, labels in dm.train_dataloader():
+            times.append(time.perf_counter())
+            if len(times) > steps:
+                break
+            x, y = dm.pipeline.train(images, labels, 0.0)
+            loss = F.cross_entropy(net(x), y, label_smoothing=ls)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return seconds_per_step(times, args.loop_skip)
+
+    runs: dict[str, list[float]] = {"vit-train": [], "bare": []}
+    for _ in range(args.rounds):
+        runs["vit-train"].append(trainer_step())
+        runs["bare"].append(bare_step())
+    bs = cfg.data.batch_size
+    result = {
+        "experiment": args.experiment,
+        "img_size": args.img_size_at,
+        "batch_size": bs,
+        "steps_per_round": args.loop_steps,
+        "rounds": args.rounds,
+        "img_s": {k: [bs / t for t in v] for k, v in runs.items()},
+        "median_img_s": {k: bs / statistics.median(v) for k, v in runs.items()},
+    }
+    result["ratio"] = result["median_img_s"]["vit-train"] / result["median_img_s"]["bare"]
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -169,9 +265,27 @@ def main() -> None:
     p.add_argument("--data-root", default=None, help="class-folder dataset for the data-pipeline figure")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--json", default="benchmark.json")
+    p.add_argument("--loop", action="store_true", help="vit-train's step against a bare loop (needs --data-root)")
+    p.add_argument("--experiment", default="cpu_30min", help="--loop: the experiment whose training is measured")
+    p.add_argument("--img-size-at", type=int, default=16, help="--loop: the training size (px)")
+    p.add_argument("--loop-steps", type=int, default=100, help="--loop: timed steps per round")
+    p.add_argument("--loop-skip", type=int, default=10, help="--loop: warm-up steps per round, not timed")
+    p.add_argument("--override", action="append", default=[], help="--loop: a vit-train override (repeatable)")
     for k, v in DEFAULT.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     args = p.parse_args()
+    if args.loop:
+        if not args.data_root:
+            raise SystemExit("error: --loop needs --data-root (a class-folder dataset, e.g. $HOME/data/cifar10-jpeg)")
+        result = loop_comparison(args)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        m = result["median_img_s"]
+        print(
+            f"\n{args.experiment} at {args.img_size_at} px, batch {result['batch_size']}, {args.rounds} rounds interleaved"
+        )
+        print(f"vit-train {m['vit-train']:.0f} img/s, bare loop {m['bare']:.0f} img/s: {result['ratio']:.3f}x")
+        return
 
     device = torch.device(args.device)
     kw = {k: getattr(args, k) for k in DEFAULT}

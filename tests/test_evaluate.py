@@ -15,7 +15,8 @@ from torchmetrics.classification import MulticlassCalibrationError
 from tests.conftest import FAST, TINY_MODEL, as_written_before_the_redesign, cli_env, compose_train, run_module
 from vit.checkpoint import load_checkpoint
 from vit.errors import CheckpointError
-from vit.evaluate import compute_metrics, flip_tta, reliability
+from vit.evaluate import compute_metrics, reliability
+from vit.module import flip_tta
 
 
 def test_compute_metrics_matches_direct_computation():

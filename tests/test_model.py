@@ -33,6 +33,11 @@ PARITY = [
     dict(TINY, reg_tokens=4),
     dict(TINY, reg_tokens=2, no_embed_class=True),
     dict(TINY, reg_tokens=1, class_token=False, global_pool="avg"),
+    # LayerNorm on each head's queries and keys; token dropping (identity in eval mode).
+    dict(TINY, qk_norm=True),
+    dict(TINY, qk_norm=True, class_token=False, global_pool="avg", qkv_bias=False),
+    dict(TINY, patch_drop_rate=0.5),
+    dict(TINY, patch_drop_rate=0.25, reg_tokens=2, class_token=False, global_pool="avg"),
 ]
 
 
@@ -123,7 +128,7 @@ def test_timm_parity_both_directions(kw):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("extra", [{}, {"reg_tokens": 3}], ids=["plain", "registers"])
+@pytest.mark.parametrize("extra", [{}, {"reg_tokens": 3}, {"qk_norm": True}], ids=["plain", "registers", "qk_norm"])
 def test_timm_gradient_parity(fused, extra):
     kw = dict(TINY, init_values=1e-1, **extra)
     ours, theirs = _pair(kw)
@@ -340,6 +345,42 @@ def test_class_token_forward_with_drop_path_uses_the_same_random_stream_as_timm(
     torch.manual_seed(5)
     b = theirs.train()(x)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2, "qk_norm": True}],
+    ids=["class-token", "avg", "registers+qk_norm"],
+)
+def test_patch_drop_in_training_keeps_the_same_tokens_as_timm(extra):
+    # In training, patch_drop_rate keeps a random max(1, int(L * (1 - rate))) of the L patch tokens
+    # and every prefix token; with the same seed ours and timm's keep the same ones, so logits and
+    # gradients are equal (the draws are the only randomness here).
+    kw = dict(TINY, patch_drop_rate=0.5, **extra)
+    ours, theirs = _pair(kw)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x, y = _images(kw), torch.tensor([0, 3, 4])
+    outs = []
+    for m in (ours.train(), theirs.train()):
+        torch.manual_seed(11)
+        out = m(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # Half of the 16 patches reach the blocks; the prefix tokens all do.
+    seen = []
+    ours.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    ours(x)
+    assert seen == [ours.num_prefix_tokens + 8]
+    # Another seed keeps other tokens; eval mode keeps them all, whatever the rate.
+    torch.manual_seed(12)
+    assert not torch.allclose(ours(x), outs[0])
+    ours.eval()
+    seen.clear()
+    ours(x)
+    assert seen == [ours.num_prefix_tokens + 16]
 
 
 def test_registers_sit_after_the_class_token_and_are_read_by_no_head():

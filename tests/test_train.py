@@ -10,10 +10,12 @@ import torchvision
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from lightning.fabric.utilities.throughput import measure_flops
+from omegaconf import OmegaConf
 
-from tests.conftest import FAST, TINY_MODEL, compose_train, run_module, write_cifar_pickles, write_folder
+from tests.conftest import FAST, REPO, TINY_MODEL, compose_train, run_module, write_cifar_pickles
 from vit.checkpoint import CheckpointError, load_checkpoint, load_model
 from vit.config import CONFIG_DIR
+from vit.data import ImageDataModule
 from vit.model import VisionTransformer
 from vit.train import train
 
@@ -69,7 +71,7 @@ def test_fast_dev_run(folder_data, tmp_path):
 # Each preset with the data it is written for, generated small: the real model shape, augmentation,
 # batch mixing, precision and schedules run one training, validation and test batch.
 PRESET_DATA = {
-    "cpu_30min": lambda root: ["data=folder", f"data.root={write_folder(root)}", "data.val_size=30"],
+    "cpu_30min": lambda root: [f"data.root={write_cifar_pickles(root)}", "data.download=false", "data.val_size=50"],
     "cifar10_best": lambda root: [f"data.root={write_cifar_pickles(root)}", "data.download=false", "data.val_size=50"],
 }
 
@@ -87,7 +89,35 @@ def test_preset_trains_a_batch(preset, tmp_path, monkeypatch):
     overrides += [f"trainer.limit_{s}_batches=1" for s in ("train", "val", "test")]
     metrics = train(compose_train(overrides, tmp_path / "run"))
     assert math.isfinite(metrics["train/loss_epoch"]) and 0 <= metrics["test/acc"] <= 1
+    if preset == "cpu_30min":  # its final test reports accuracy with and without flip TTA
+        assert 0 <= metrics["test/acc_tta"] <= 1
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_the_newcomers_first_command_is_the_cpu_preset_on_torchvision_cifar10(tmp_path):
+    # README's first command, `vit-train experiment=cpu_30min`, needs no other value: torchvision's
+    # CIFAR-10 (downloaded into data/cifar10), its test split scored with and without flip TTA.
+    cfg = compose_train(["experiment=cpu_30min"], tmp_path)
+    assert OmegaConf.missing_keys({k: cfg[k] for k in cfg if k != "hydra"}) == set()
+    assert (cfg.data.name, cfg.data.root, cfg.data.download) == ("cifar10", "data/cifar10", True)
+    assert cfg.test and cfg.test_tta and cfg.trainer.max_time == "00:00:30:00"
+    readme = (REPO / "README.md").read_text()
+    assert "&& vit-train experiment=cpu_30min\n" in readme
+
+
+def test_the_final_test_reports_accuracy_with_and_without_flip_tta(folder_data, tmp_path):
+    from vit.evaluate import predict_logits
+    from vit.module import flip_tta
+
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=1", "test_tta=true"]
+    metrics = train(compose_train([*overrides, *TINY_MODEL, *FAST], tmp_path))
+    # The same numbers from the best checkpoint, computed apart from the Trainer.
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    images, labels = ImageDataModule(name="folder", root=str(folder_data), img_size=16)._load(train=False)[:2]
+    plain = predict_logits(ckpt, images, 64, torch.device("cpu"))
+    tta = flip_tta(plain, predict_logits(ckpt, images, 64, torch.device("cpu"), flip=True))
+    assert metrics["test/acc"] == pytest.approx((plain.argmax(1) == labels).float().mean().item())
+    assert metrics["test/acc_tta"] == pytest.approx((tta.argmax(1) == labels).float().mean().item())
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from vit.cli import hydra_cli
 from vit.config import EVAL_RULES, check_rules
 from vit.data import ImageDataModule
 from vit.errors import ConfigError, DataError
+from vit.module import flip_tta
 from vit.outputs import plt, save_figure, write_atomic
 
 log = logging.getLogger("vit")
@@ -79,12 +80,6 @@ def predict_logits(
         x = ckpt.normalize(images[i : i + batch_size].to(device))
         out.append(model(x.flip(-1) if flip else x).float().cpu())
     return torch.cat(out)
-
-
-def flip_tta(logits: torch.Tensor, flipped_logits: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation: the mean of the two predicted distributions (image and its mirror
-    image), returned as log-probabilities, so that softmax gives the averaged distribution."""
-    return ((logits.softmax(dim=1) + flipped_logits.softmax(dim=1)) / 2).log()
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int) -> dict[str, Any]:

@@ -107,6 +107,7 @@ class Attention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         fused_attn: bool = True,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_heads <= 0 or dim % num_heads != 0:
@@ -119,6 +120,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # qk_norm: LayerNorm over each head's queries and keys (timm's q_norm/k_norm), which bounds
+        # the attention logits, so a high learning rate cannot blow the softmax up.
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -149,6 +154,7 @@ class Attention(nn.Module):
         else:
             q, k, v = self._qkv_first(x, num_queries)  # q: (B, heads, num_queries, head_dim)
             N = num_queries
+        q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
@@ -226,10 +232,11 @@ class Block(nn.Module):
         init_values: float | None = None,
         drop_path: float = 0.0,
         fused_attn: bool = True,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn, qk_norm)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -275,6 +282,35 @@ def sincos_pos_embed_2d(
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
 
 
+class PatchDropout(nn.Module):
+    """Keep a random subset of the patch tokens in training (timm's PatchDropout, Liu et al. 2022):
+    fewer tokens per step, so cheaper steps. Prefix tokens (class, registers) are always kept; the
+    kept patches are in random order (attention does not care). Identity in eval mode.
+
+    `prob` is an attribute, not a buffer: a training schedule may change it between steps."""
+
+    def __init__(self, prob: float = 0.5, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.prob = prob
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + L, D) -> (B, prefix + max(1, int(L * (1 - prob))), D) in training."""
+        if not self.training or self.prob == 0.0:
+            return x
+        p = self.num_prefix_tokens
+        prefix, x = x[:, :p], x[:, p:]
+        B, L = x.shape[:2]
+        num_keep = max(1, int(L * (1.0 - self.prob)))
+        # The same draws as timm: one normal per token, the smallest num_keep ranks kept.
+        keep = torch.argsort(torch.randn(B, L, device=x.device), dim=-1)[:, :num_keep]  # (B, num_keep)
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        return torch.cat([prefix, x], dim=1) if p else x
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}, num_prefix_tokens={self.num_prefix_tokens}"
+
+
 class VisionTransformer(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2021) with timm's keywords, defaults and names.
 
@@ -296,6 +332,7 @@ class VisionTransformer(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        qk_norm: bool = False,
         init_values: float | None = None,
         class_token: bool = True,
         reg_tokens: int = 0,
@@ -304,6 +341,7 @@ class VisionTransformer(nn.Module):
         fc_norm: bool | None = None,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
+        patch_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -323,6 +361,7 @@ class VisionTransformer(nn.Module):
             "num_heads": num_heads,
             "mlp_ratio": mlp_ratio,
             "qkv_bias": qkv_bias,
+            "qk_norm": qk_norm,
             "init_values": init_values,
             "class_token": class_token,
             "reg_tokens": reg_tokens,
@@ -331,6 +370,7 @@ class VisionTransformer(nn.Module):
             "fc_norm": fc_norm,
             "drop_rate": drop_rate,
             "pos_drop_rate": pos_drop_rate,
+            "patch_drop_rate": patch_drop_rate,
             "proj_drop_rate": proj_drop_rate,
             "attn_drop_rate": attn_drop_rate,
             "drop_path_rate": drop_path_rate,
@@ -351,6 +391,7 @@ class VisionTransformer(nn.Module):
         for name, rate in (
             ("drop_rate", drop_rate),
             ("pos_drop_rate", pos_drop_rate),
+            ("patch_drop_rate", patch_drop_rate),
             ("proj_drop_rate", proj_drop_rate),
             ("attn_drop_rate", attn_drop_rate),
             ("drop_path_rate", drop_path_rate),
@@ -384,6 +425,9 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = None
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        # timm registers the module only when the rate is > 0; ours always exists (it holds no
+        # weights, so state dicts are the same), so a schedule can switch it on during a run.
+        self.patch_drop = PatchDropout(patch_drop_rate, num_prefix_tokens=self.num_prefix_tokens)
 
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth grows with depth
         self.blocks = nn.Sequential(
@@ -398,6 +442,7 @@ class VisionTransformer(nn.Module):
                     init_values=init_values,
                     drop_path=dpr[i],
                     fused_attn=fused_attn,
+                    qk_norm=qk_norm,
                 )
                 for i in range(depth)
             ]
@@ -464,7 +509,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         grid = self._grid(x)
         x = self.patch_embed(x)  # (B, N, D)
-        x = self._pos_embed(x, grid)  # (B, prefix + N, D)
+        x = self.patch_drop(self._pos_embed(x, grid))  # (B, prefix + N, D); fewer patches in training with patch_drop
         x = self.blocks(x)
         return self.norm(x)
 
@@ -489,7 +534,7 @@ class VisionTransformer(nn.Module):
         # with about (depth - 5/6) / depth of the FLOPs (0.86x at depth 6); forward_features
         # still returns every token.
         grid = self._grid(x)
-        x = self._pos_embed(self.patch_embed(x), grid)  # (B, 1 + N, D)
+        x = self.patch_drop(self._pos_embed(self.patch_embed(x), grid))  # (B, 1 + N, D)
         for blk in self.blocks[:-1]:
             x = blk(x)
         x = self.norm(self.blocks[-1](x, num_queries=1))  # (B, 1, D)

@@ -19,7 +19,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vit.errors import DivergedError
 from vit.model import VisionTransformer
+from vit.optim import build_optimizer
 from vit.schedule import RunClock, lr_factor
+
+
+def flip_tta(logits: torch.Tensor, flipped_logits: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean of the two predicted distributions (image and its mirror
+    image), returned as log-probabilities, so that softmax gives the averaged distribution."""
+    return ((logits.softmax(dim=1) + flipped_logits.softmax(dim=1)) / 2).log()
 
 
 class ViTClassifier(L.LightningModule):
@@ -34,6 +41,9 @@ class ViTClassifier(L.LightningModule):
         label_smoothing: float = 0.1,
         schedule_by_time: bool = False,
         scale_lr_with_world_size: bool = False,
+        muon_lr: float | None = None,
+        muon_momentum: float = 0.95,
+        muon_weight_decay: float = 0.0,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -48,6 +58,9 @@ class ViTClassifier(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=k, average="micro")
+        self.test_acc_tta = MulticlassAccuracy(num_classes=k, average="micro")
+        # True: the test also reports test/acc_tta, with flip test-time augmentation (vit-train's test_tta).
+        self.test_tta = False
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
@@ -90,7 +103,7 @@ class ViTClassifier(L.LightningModule):
             self._flops[shape] = measure_flops(net, lambda: net(x), lambda y: y.sum())
         return self._flops[shape]
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
@@ -98,6 +111,7 @@ class ViTClassifier(L.LightningModule):
         getattr(self, f"{stage}_acc")(logits, y)
         self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), on_epoch=True, prog_bar=True)
         self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), on_epoch=True, prog_bar=True)
+        return logits
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -109,30 +123,23 @@ class ViTClassifier(L.LightningModule):
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        logits = self._eval_step(batch, "test")
+        if self.test_tta:  # test/acc stays the plain accuracy; test/acc_tta adds the mirror image
+            x, y = batch
+            self.test_acc_tta(flip_tta(logits, self(x.flip(-1))), y)
+            self.log("test/acc_tta", self.test_acc_tta, on_epoch=True, prog_bar=True)
 
     # -- optimization ---------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        skip = self.net.no_weight_decay()
-        decay, no_decay = [], []
-        for name, p in self.net.named_parameters():
-            if not p.requires_grad:
-                continue
-            # Biases, LayerNorm/LayerScale vectors and net.no_weight_decay() (positions, class and register tokens) get none.
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-        peak = self.peak_lr()
-        return torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": hp.weight_decay, "peak_lr": peak},
-                {"params": no_decay, "weight_decay": 0.0, "peak_lr": peak},
-            ],
-            lr=peak,
-            betas=tuple(hp.betas),
+        """AdamW; with optim.muon_lr, Muon for the blocks' weight matrices (vit.optim)."""
+        hp, scale = self.hparams, self.peak_lr() / self.hparams.lr
+        muon_lr = hp.muon_lr * scale if hp.muon_lr is not None else None
+        return build_optimizer(
+            self.net, self.peak_lr(), hp.weight_decay, hp.betas, muon_lr, hp.muon_momentum, hp.muon_weight_decay
         )
 
     def peak_lr(self) -> float:
-        """optim.lr, times the Trainer's world size with scale_lr_with_world_size (the linear
+        """optim.lr (and optim.muon_lr in proportion), times the Trainer's world size with scale_lr_with_world_size (the linear
         scaling rule: lr is for one process's batch, and the Trainer knows how many there are)."""
         return self.hparams.lr * (self.trainer.world_size if self.hparams.scale_lr_with_world_size else 1)
 

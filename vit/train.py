@@ -110,6 +110,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
     if cfg.get("test") and dm.has_test and not trainer.fast_dev_run:
+        module.test_tta = bool(cfg.get("test_tta"))
         results = trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in results[0].items()})
 

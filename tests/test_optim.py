@@ -1,0 +1,128 @@
+"""The optimizer: which parameters Muon takes, MuonAdamW equal to its two parts stepped apart, its
+state surviving a save and load, and a vit-train run with it (schedule, checkpoint, resume)."""
+
+import copy
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import FAST, TINY_MODEL, compose_train
+from vit.checkpoint import load_checkpoint
+from vit.model import VisionTransformer
+from vit.optim import MuonAdamW, build_optimizer, param_groups
+from vit.schedule import lr_factor
+from vit.train import train
+
+NET = dict(img_size=16, patch_size=4, num_classes=3, embed_dim=16, depth=2, num_heads=2)
+
+
+def _names(net, group):
+    ids = {id(p) for p in group["params"]}
+    return sorted(n for n, p in net.named_parameters() if id(p) in ids)
+
+
+def test_muon_takes_the_blocks_weight_matrices_and_adamw_the_rest():
+    net = VisionTransformer(**NET, class_token=True)
+    muon, (decay, no_decay) = param_groups(net, lr=1e-3, weight_decay=0.05, muon_lr=0.02)
+    per_block = ["attn.proj.weight", "attn.qkv.weight", "mlp.fc1.weight", "mlp.fc2.weight"]
+    assert _names(net, muon[0]) == [f"blocks.{i}.{w}" for i in range(2) for w in per_block]
+    assert _names(net, decay) == ["head.weight", "patch_embed.proj.weight"]
+    assert "pos_embed" in _names(net, no_decay) and "cls_token" in _names(net, no_decay)
+    assert all(
+        p.ndim <= 1
+        for n, p in net.named_parameters()
+        if n in _names(net, no_decay) and n not in ("pos_embed", "cls_token")
+    )
+    assert [g["peak_lr"] for g in (*muon, decay, no_decay)] == [0.02, 1e-3, 1e-3]
+    assert muon[0]["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    # Without muon_lr every parameter is AdamW's, as before.
+    none, adamw = param_groups(net, lr=1e-3, weight_decay=0.05)
+    assert none == [] and sum(len(g["params"]) for g in adamw) == len(list(net.parameters()))
+    assert type(build_optimizer(net, 1e-3, 0.05, (0.9, 0.999))) is torch.optim.AdamW
+
+
+def _loss(net, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 3, (8,), generator=g)
+    return F.cross_entropy(net(x), y)
+
+
+def test_muon_adamw_steps_exactly_as_muon_and_adamw_stepped_apart():
+    torch.manual_seed(0)
+    net = VisionTransformer(**NET)
+    ref = copy.deepcopy(net)
+    opt = build_optimizer(net, 1e-3, 0.05, (0.9, 0.99), muon_lr=0.02, muon_momentum=0.9, muon_weight_decay=0.01)
+    assert isinstance(opt, MuonAdamW)
+    muon, adamw = param_groups(ref, 1e-3, 0.05, 0.02, 0.01)
+    ref_muon = torch.optim.Muon(muon, momentum=0.9)
+    ref_adamw = torch.optim.AdamW(adamw, betas=(0.9, 0.99))
+    for seed in range(3):
+
+        def closure(seed=seed):
+            loss = _loss(net, seed)
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        loss = opt.step(closure)  # one forward and backward, as Lightning calls it
+        ref_muon.zero_grad(), ref_adamw.zero_grad()
+        ref_loss = _loss(ref, seed)
+        ref_loss.backward()
+        ref_muon.step(), ref_adamw.step()
+        assert torch.equal(loss, ref_loss)
+        for (name, a), b in zip(net.named_parameters(), ref.parameters()):
+            assert torch.equal(a, b), name
+    # Every parameter moved, and the schedule's handle (the groups) reaches both optimizers.
+    assert len(opt.param_groups) == 3 and opt.param_groups[0] is opt.muon.param_groups[0]
+    opt.param_groups[0]["lr"] = 0.5
+    assert opt.muon.param_groups[0]["lr"] == 0.5
+    assert len(opt.state) == len(list(net.parameters()))
+
+
+def test_muon_adamw_state_round_trips_and_refuses_an_adamw_state():
+    torch.manual_seed(0)
+    net = VisionTransformer(**NET)
+    opt = build_optimizer(net, 1e-3, 0.05, (0.9, 0.999), muon_lr=0.02)
+    for seed in range(2):
+        opt.zero_grad()
+        _loss(net, seed).backward()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    twin = copy.deepcopy(net)
+    twin_opt = build_optimizer(twin, 1e-3, 0.05, (0.9, 0.999), muon_lr=0.02)
+    twin_opt.load_state_dict(saved)
+    for o, n in ((opt, net), (twin_opt, twin)):
+        o.zero_grad()
+        _loss(n, 7).backward()
+        o.step()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    adamw_state = torch.optim.AdamW(VisionTransformer(**NET).parameters()).state_dict()
+    with pytest.raises(ValueError, match="not MuonAdamW's"):
+        twin_opt.load_state_dict(adamw_state)
+
+
+@pytest.mark.slow
+def test_vit_train_with_muon_follows_the_schedule_checkpoints_and_resumes(folder_data, tmp_path):
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "test=false", *TINY_MODEL, *FAST]
+    overrides += ["trainer.max_epochs=2", "trainer.log_every_n_steps=1", "optim.warmup_epochs=0.4"]
+    overrides += ["optim.lr=1e-3", "optim.muon_lr=0.02", "optim.min_lr_ratio=0"]
+    run = tmp_path / "run"
+    train(compose_train(overrides, run))
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    muon = {int(r["step"]): float(r["lr-MuonAdamW/pg1"]) for r in rows if r.get("lr-MuonAdamW/pg1")}
+    adamw = {int(r["step"]): float(r["lr-MuonAdamW/pg2"]) for r in rows if r.get("lr-MuonAdamW/pg2")}
+    assert sorted(muon) == list(range(10))  # 90 images, 16 a batch: 5 steps an epoch
+    for step in muon:  # one schedule, two peaks
+        assert muon[step] == pytest.approx(0.02 * lr_factor(step / 10, 0.2, 0.0), abs=1e-12)
+        assert adamw[step] == pytest.approx(1e-3 * lr_factor(step / 10, 0.2, 0.0), abs=1e-12)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert set(raw["optimizer_states"][0]) == {"muon", "adamw"}
+    assert load_checkpoint(ckpt).model.training is False
+    resumed = tmp_path / "resumed"
+    train(compose_train([*overrides, "trainer.max_epochs=3", f"ckpt_path={ckpt}"], resumed))
+    raw = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert raw["global_step"] == 15 and set(raw["optimizer_states"][0]) == {"muon", "adamw"}

@@ -1,0 +1,124 @@
+"""The optimizer: AdamW, or Muon for the blocks' weight matrices with AdamW for the rest.
+
+Muon (Jordan et al. 2024; `torch.optim.Muon`) orthogonalizes each 2-D weight's momentum with a few
+Newton-Schulz steps, so every direction of the matrix moves at the same rate. It is meant for the
+hidden layers' matrices only: the patch kernel (4-D), biases, norms, positions, tokens and the
+classifier head stay with AdamW.
+
+Lightning's automatic optimization steps one optimizer, so `MuonAdamW` is one `Optimizer` over
+the two: one closure call (one forward and backward) per step, then both update. Its
+`param_groups` are the two optimizers' own group dicts, so the learning-rate schedule
+(`ViTClassifier._follow_lr_schedule`), gradient clipping and Lightning's LearningRateMonitor see
+every group, each with its own `peak_lr`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def uses_muon(name: str, p: nn.Parameter) -> bool:
+    """The transformer blocks' weight matrices (qkv, proj, fc1, fc2): Muon's 2-D hidden weights."""
+    return name.startswith("blocks.") and p.ndim == 2
+
+
+def param_groups(
+    net: nn.Module, lr: float, weight_decay: float, muon_lr: float | None = None, muon_weight_decay: float = 0.0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(muon groups, adamw groups) of `net`'s trainable parameters, each group with its `peak_lr`.
+
+    AdamW: weight decay on the other weights, none on biases, norm and LayerScale vectors, or
+    `net.no_weight_decay()` (positions, class and register tokens). With `muon_lr` None every
+    parameter goes to AdamW and the muon list is empty."""
+    skip = net.no_weight_decay()
+    muon, decay, no_decay = [], [], []
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        if muon_lr is not None and uses_muon(name, p):
+            muon.append(p)
+        elif p.ndim <= 1 or name in skip:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    adamw = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr, "peak_lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr, "peak_lr": lr},
+    ]
+    muon_groups = (
+        [{"params": muon, "weight_decay": muon_weight_decay, "lr": muon_lr, "peak_lr": muon_lr}] if muon else []
+    )
+    return muon_groups, adamw
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """`torch.optim.Muon` over `muon_groups` and `torch.optim.AdamW` over `adamw_groups`, stepped
+    as one optimizer. The state dict holds both: {"muon": ..., "adamw": ...}."""
+
+    def __init__(
+        self,
+        muon_groups: list[dict[str, Any]],
+        adamw_groups: list[dict[str, Any]],
+        betas: tuple[float, float] = (0.9, 0.999),
+        momentum: float = 0.95,
+        nesterov: bool = True,
+    ) -> None:
+        self.muon = torch.optim.Muon(muon_groups, momentum=momentum, nesterov=nesterov)
+        self.adamw = torch.optim.AdamW(adamw_groups, betas=betas)
+        params: Iterable[torch.Tensor] = [
+            p for o in (self.muon, self.adamw) for g in o.param_groups for p in g["params"]
+        ]
+        super().__init__(list(params), defaults={})
+        # The groups are the inner optimizers' own dicts: setting a group's lr here sets it there.
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:  # type: ignore[override]
+        return {**self.muon.state, **self.adamw.state}
+
+    @state.setter
+    def state(self, value: Any) -> None:  # Optimizer.__init__ assigns an empty state: nothing to keep
+        pass
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()  # forward + backward once, for both optimizers
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != {"muon", "adamw"}:
+            raise ValueError(
+                "this optimizer state is not MuonAdamW's (keys: "
+                f"{sorted(state_dict)}); resume it with the optimizer it was saved with (optim.muon_lr)"
+            )
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+
+def build_optimizer(
+    net: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    muon_lr: float | None = None,
+    muon_momentum: float = 0.95,
+    muon_weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """AdamW over every parameter, or (with `muon_lr`) MuonAdamW."""
+    muon, adamw = param_groups(net, lr, weight_decay, muon_lr, muon_weight_decay)
+    if not muon:
+        return torch.optim.AdamW(adamw, lr=lr, betas=tuple(betas))
+    return MuonAdamW(muon, adamw, betas=tuple(betas), momentum=muon_momentum)
