@@ -193,6 +193,7 @@ def loop_comparison(args: argparse.Namespace) -> dict:
     steps = args.loop_steps + args.loop_skip + 1
     overrides = [
         f"experiment={args.experiment}",
+        "data=folder",
         f"data.root={args.data_root}",
         "data.num_workers=0",
         f"data.img_size_schedule=[[0,{args.img_size_at}]]",  # one training size for the whole run
@@ -224,16 +225,17 @@ def loop_comparison(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         module = build_module(cfg, dm)
         net, opt = module.net.train(), module.configure_optimizers()
-        times = []
-        for images, labels in dm.train_dataloader():
-            times.append(time.perf_counter())
-            if len(times) > steps:
-                break
-            x, y = dm.pipeline.train(images, labels, 0.0)
-            loss = F.cross_entropy(net(x), y, label_smoothing=ls)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        times: list[float] = []
+        while len(times) <= steps:  # epochs after epochs, as the Trainer would
+            for images, labels in dm.train_dataloader():
+                times.append(time.perf_counter())
+                if len(times) > steps:
+                    break
+                x, y = dm.pipeline.train(images, labels, 0.0)
+                loss = F.cross_entropy(net(x), y, label_smoothing=ls)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
         return seconds_per_step(times, args.loop_skip)
 
     runs: dict[str, list[float]] = {"vit-train": [], "bare": []}

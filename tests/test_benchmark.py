@@ -46,3 +46,30 @@ def test_benchmark_runs_and_counts_fewer_flops_for_our_class_token_forward(tmp_p
     assert rows["ours"]["train_gflop_per_step"] < 0.8 * rows["timm"]["train_gflop_per_step"]
     assert rows["ours"]["memory_mib"] < rows["timm"]["memory_mib"]
     assert "| ours |" in r.stdout and "| timm |" in r.stdout
+
+
+def test_loop_mode_times_vit_trains_step_against_a_bare_loop(folder_data, tmp_path):
+    out = tmp_path / "loop.json"
+    model = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
+    args = ["--loop", "--data-root", str(folder_data), "--img-size-at", "8", "--loop-steps", "6", "--loop-skip", "1"]
+    args += ["--rounds", "2", "--json", str(out)]
+    for o in ["data.val_size=30", "data.batch_size=16", "trainer.max_epochs=-1", *model]:
+        args += ["--override", o]
+    r = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env(),
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["img_size"] == 8 and result["batch_size"] == 16 and result["rounds"] == 2
+    assert all(len(v) == 2 and min(v) > 0 for v in result["img_s"].values())
+    m = result["median_img_s"]
+    assert result["ratio"] == m["vit-train"] / m["bare"] > 0
+    assert f"{result['ratio']:.3f}x" in r.stdout
+    # Without data the loop cannot be measured: a clear message, exit 1.
+    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--loop"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "--loop needs --data-root" in r.stderr

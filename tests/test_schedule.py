@@ -9,8 +9,16 @@ import pytest
 
 from tests.conftest import FAST, TINY_MODEL, compose_train
 from vit.errors import ConfigError
+from vit.model import PatchDropout
 from vit.module import ViTClassifier
-from vit.schedule import img_size_at, lr_factor, parse_img_size_schedule, run_fraction
+from vit.schedule import (
+    img_size_at,
+    lr_factor,
+    parse_img_size_schedule,
+    parse_patch_drop_schedule,
+    run_fraction,
+    value_at,
+)
 from vit.train import train
 
 
@@ -45,6 +53,38 @@ def test_img_size_at_follows_the_schedule():
     for bad, match in (([[0.2, 8]], "must start at fraction 0"), ([[0, 8], [1.0, 16]], "below 1"), ([8, 16], "pairs")):
         with pytest.raises(ConfigError, match=match):
             parse_img_size_schedule(bad)
+
+
+def test_patch_drop_schedule_parses_rates_and_refuses_bad_ones():
+    assert parse_patch_drop_schedule([[0.5, 0], [0, 0.5]]) == [(0.0, 0.5), (0.5, 0.0)]
+    assert value_at(0.49, [(0.0, 0.5), (0.5, 0.0)]) == 0.5 and value_at(0.5, [(0.0, 0.5), (0.5, 0.0)]) == 0.0
+    for bad in ([[0, 1.0]], [[0, -0.1]], [[0.1, 0.5]], [[0, True]]):
+        with pytest.raises(ConfigError, match="optim.patch_drop_schedule"):
+            parse_patch_drop_schedule(bad)
+
+
+def test_patch_drop_follows_its_schedule_in_training_and_never_in_evaluation(folder_data, tmp_path, monkeypatch):
+    # 90 training images at 16 a batch: 5 steps an epoch, 10 in all; half the tokens dropped for
+    # the first half of the run, none after. 16 px at patch 4: 16 patches -> 8 kept.
+    seen = []
+    real = PatchDropout.forward
+
+    def record(self, x):
+        out = real(self, x)
+        seen.append((self.training, out.shape[1]))
+        return out
+
+    monkeypatch.setattr(PatchDropout, "forward", record)
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "test=false", *TINY_MODEL, *FAST]
+    overrides += [
+        "trainer.max_epochs=2",
+        "trainer.num_sanity_val_steps=0",
+        "optim.patch_drop_schedule=[[0,0.5],[0.5,0]]",
+    ]
+    train(compose_train(overrides, tmp_path))
+    training = [n for is_training, n in seen if is_training]
+    assert training == [8] * 5 + [16] * 5
+    assert {n for is_training, n in seen if not is_training} == {16}  # validation: every token
 
 
 def _lrs(run_dir):

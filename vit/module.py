@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from vit.errors import DivergedError
 from vit.model import VisionTransformer
 from vit.optim import build_optimizer
-from vit.schedule import RunClock, lr_factor
+from vit.schedule import RunClock, lr_factor, parse_patch_drop_schedule, value_at
 
 
 def flip_tta(logits: torch.Tensor, flipped_logits: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,7 @@ class ViTClassifier(L.LightningModule):
         muon_lr: float | None = None,
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
+        patch_drop_schedule: list[list[float]] | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -54,6 +55,9 @@ class ViTClassifier(L.LightningModule):
         # kept out of the module registry (no second copy of the weights in the state dict).
         self.__dict__["_compiled"] = torch.compile(self.net) if compile else None
         self.clock = RunClock(by_time=schedule_by_time)
+        # [[fraction, rate], ...]: the share of patch tokens the network drops in training, set
+        # before each step from the run clock (None: model.patch_drop_rate throughout).
+        self.patch_drop_schedule = parse_patch_drop_schedule(patch_drop_schedule)
         k = self.net.num_classes
         self.train_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
@@ -64,7 +68,7 @@ class ViTClassifier(L.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
-        self._flops: dict[tuple[int, ...], int] = {}
+        self._flops: dict[tuple[tuple[int, ...], float], int] = {}
         # Lightning's ThroughputMonitor reads this after each step to report FLOP/s (None: not yet known).
         self.flops_per_batch: int | None = None
 
@@ -94,14 +98,15 @@ class ViTClassifier(L.LightningModule):
         return loss
 
     def _training_flops(self, shape: tuple[int, ...]) -> int:
-        """FLOPs of a forward + backward at this batch shape, counted once per shape on the meta
-        device (here, in grad mode: ThroughputMonitor reads the value under inference mode)."""
-        if shape not in self._flops:
+        """FLOPs of a forward + backward at this batch shape and patch-drop rate, counted once per
+        pair on the meta device (here, in grad mode: ThroughputMonitor reads it under inference mode)."""
+        key = (shape, self.net.patch_drop.prob)
+        if key not in self._flops:
             with torch.device("meta"):
-                net = VisionTransformer(**self.net.config)
+                net = VisionTransformer(**{**self.net.config, "patch_drop_rate": key[1]})
             x = torch.empty(shape, device="meta")
-            self._flops[shape] = measure_flops(net, lambda: net(x), lambda y: y.sum())
-        return self._flops[shape]
+            self._flops[key] = measure_flops(net, lambda: net(x), lambda y: y.sum())
+        return self._flops[key]
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
@@ -121,6 +126,7 @@ class ViTClassifier(L.LightningModule):
             return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.log("time/minutes", self.clock.minutes())  # wall clock since training started
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         logits = self._eval_step(batch, "test")
@@ -144,14 +150,17 @@ class ViTClassifier(L.LightningModule):
         return self.hparams.lr * (self.trainer.world_size if self.hparams.scale_lr_with_world_size else 1)
 
     def on_train_start(self) -> None:
-        self._follow_lr_schedule()
+        self._follow_schedules()
 
     def on_train_batch_end(self, *args: Any) -> None:
-        self._follow_lr_schedule()
+        self._follow_schedules()
 
-    def _follow_lr_schedule(self) -> None:
-        """Set the learning rate for the next step from the run's progress (the clock has just
-        been refreshed: callbacks' hooks run before the module's)."""
+    def _follow_schedules(self) -> None:
+        """Set the learning rate and the patch-drop rate for the next step from the run's progress
+        (the clock has just been refreshed: callbacks' hooks run before the module's)."""
+        rate = value_at(self.clock.fraction, self.patch_drop_schedule)
+        if rate is not None:
+            self.net.patch_drop.prob = rate
         hp = self.hparams
         factor = lr_factor(self.clock.fraction, self.clock.epochs_to_fraction(hp.warmup_epochs), hp.min_lr_ratio)
         for optimizer in self.trainer.optimizers:

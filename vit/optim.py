@@ -8,7 +8,7 @@ classifier head stay with AdamW.
 Lightning's automatic optimization steps one optimizer, so `MuonAdamW` is one `Optimizer` over
 the two: one closure call (one forward and backward) per step, then both update. Its
 `param_groups` are the two optimizers' own group dicts, so the learning-rate schedule
-(`ViTClassifier._follow_lr_schedule`), gradient clipping and Lightning's LearningRateMonitor see
+(`ViTClassifier._follow_schedules`), gradient clipping and Lightning's LearningRateMonitor see
 every group, each with its own `peak_lr`.
 """
 

@@ -1,9 +1,10 @@
 """How far through the run we are, and the schedules that follow it.
 
-One number drives every schedule (the learning rate, the training image size, any later one):
+One number drives every schedule (the learning rate, the training image size, the share of patch
+tokens dropped):
 the fraction of the run done, a pure function of the step count and the clock (`run_fraction`).
 `RunClock`, a Lightning callback, refreshes it once per step; the schedules read `clock.fraction`
-and are plain functions of it (`lr_factor`, `img_size_at`).
+and are plain functions of it (`lr_factor`, `value_at` for piecewise-constant schedules).
 
 When is it refreshed? Lightning moves a batch to the device (where the data side applies the
 image-size schedule) before `on_train_batch_start`, so the clock is refreshed at `on_train_start`
@@ -15,7 +16,8 @@ the same value.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Timer
@@ -41,27 +43,46 @@ def lr_factor(fraction: float, warmup: float, min_lr_ratio: float) -> float:
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def parse_img_size_schedule(schedule: Sequence[Sequence[float]] | None) -> list[tuple[float, int]]:
-    """[[fraction, size], ...] as sorted (fraction, size) pairs; ConfigError for anything else.
-    (That the sizes fit the model's patch is checked with the model config: `vit.config`.)"""
+def parse_schedule(
+    schedule: Sequence[Sequence[float]] | None, key: str, ok: Callable[[float], bool], allowed: str
+) -> list[tuple[float, float]]:
+    """[[fraction, value], ...] (the config key `key`) as sorted (fraction, value) pairs, starting
+    at fraction 0 with fractions below 1 and every value `ok`; ConfigError for anything else."""
     pairs = []
     for item in schedule or []:
         if not isinstance(item, Sequence) or isinstance(item, str) or len(item) != 2:
-            raise ConfigError(f"data.img_size_schedule entries are [fraction, size] pairs, got {item!r}")
-        pairs.append((float(item[0]), int(item[1])))
+            raise ConfigError(f"{key} entries are [fraction, value] pairs, got {item!r}")
+        pairs.append((float(item[0]), item[1]))
     pairs.sort()
-    if pairs and (pairs[0][0] != 0 or pairs[-1][0] >= 1 or any(size <= 0 for _, size in pairs)):
+    if pairs and (pairs[0][0] != 0 or pairs[-1][0] >= 1 or not all(ok(v) for _, v in pairs)):
         raise ConfigError(
-            f"data.img_size_schedule={[list(p) for p in pairs]} must start at fraction 0, keep fractions below 1 "
-            "and use positive sizes"
+            f"{key}={[list(p) for p in pairs]} must start at fraction 0, keep fractions below 1 and use {allowed}"
         )
     return pairs
 
 
+def parse_img_size_schedule(schedule: Sequence[Sequence[float]] | None) -> list[tuple[float, int]]:
+    """data.img_size_schedule: [[fraction, size], ...]. (That the sizes fit the model's patch is
+    checked with the model config: `vit.config`.)"""
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+    return parse_schedule(schedule, "data.img_size_schedule", ok, "positive integer sizes")  # type: ignore[return-value]
+
+
+def parse_patch_drop_schedule(schedule: Sequence[Sequence[float]] | None) -> list[tuple[float, float]]:
+    """optim.patch_drop_schedule: [[fraction, rate], ...], rates in [0, 1)."""
+    ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1  # noqa: E731
+    return [(f, float(v)) for f, v in parse_schedule(schedule, "optim.patch_drop_schedule", ok, "rates in [0, 1)")]
+
+
+def value_at(fraction: float, schedule: Sequence[tuple[float, float]]) -> float | None:
+    """A piecewise-constant schedule's value at `fraction` of the run (None: no schedule)."""
+    values = [value for start, value in schedule if start <= fraction]
+    return values[-1] if values else None
+
+
 def img_size_at(fraction: float, schedule: Sequence[tuple[float, int]]) -> int | None:
     """The training image size at `fraction` of the run (None: no schedule, keep the data's size)."""
-    sizes = [size for start, size in schedule if start <= fraction]
-    return sizes[-1] if sizes else None
+    return value_at(fraction, schedule)  # type: ignore[return-value]
 
 
 class RunClock(L.Callback):
@@ -78,6 +99,7 @@ class RunClock(L.Callback):
         self.total_steps = 1.0  # optimizer steps the run may take (trainer.estimated_stepping_batches)
         self.steps_per_epoch = 1
         self._time: tuple[float, float] | None = None  # (elapsed, budget) seconds, rank 0's
+        self._started: float | None = None  # perf_counter() when this process started training
 
     @staticmethod
     def of(trainer: L.Trainer) -> RunClock | None:
@@ -96,7 +118,13 @@ class RunClock(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.total_steps = float(trainer.estimated_stepping_batches)
         self.steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        self._started = time.perf_counter()
         self.refresh(trainer, sync=True)
+
+    def minutes(self) -> float:
+        """Wall-clock minutes since training started in this process (validation included): the
+        x axis of a time-to-accuracy curve."""
+        return (time.perf_counter() - self._started) / 60 if self._started is not None else 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         self.refresh(trainer, sync=trainer.global_step % self.sync_every == 0)

@@ -1,0 +1,91 @@
+"""Validation accuracy against wall-clock minutes, for several runs on one figure.
+
+    python scripts/plot_time_to_accuracy.py docs/time_to_accuracy.png \
+        --run "cpu_30min (new)=runs/new" --run "cpu_30min (previous)=runs/old" \
+        --csv "timm plain loop=runs/timm_baseline.csv" --title "..."
+
+`--run LABEL=DIR`: a vit-train run directory (its csv/metrics.csv). The minutes of each
+validation are the logged `time/minutes` (wall clock since training started, validation
+included); runs from before that key existed get `train/time` (training only, logged every
+log_every_n_steps) at the validation's step, scaled so that the last one lands at the fit's 30
+minutes: an estimate, marked "est." in the legend. `--csv LABEL=FILE`: scripts/timm_baseline.py's
+output (epochs, step, minutes, val_acc). Prints each curve's points with their step counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _label_path(value: str) -> tuple[str, Path]:
+    label, sep, path = value.rpartition("=")
+    if not sep or not label:
+        raise argparse.ArgumentTypeError(f"expected LABEL=PATH, got {value!r}")
+    return label, Path(path)
+
+
+def run_curve(run_dir: Path, fit_minutes: float) -> tuple[list[tuple[float, float, int]], bool]:
+    """[(minutes, val acc, step)] of a vit-train run; True when the minutes are estimated."""
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    val = [(int(r["step"]), float(r["val/acc"])) for r in rows if r.get("val/acc")]
+    minutes = [float(r["time/minutes"]) for r in rows if r.get("time/minutes")]
+    if minutes and len(minutes) == len(val):
+        return [(m, a, s) for m, (s, a) in zip(minutes, val)], False
+    timed = sorted((int(r["step"]), float(r["train/time"])) for r in rows if r.get("train/time"))
+    steps = [s for s, _ in timed]
+
+    def train_time(step: int) -> float:  # linear between the logged steps
+        i = bisect.bisect_left(steps, step)
+        if i == 0:
+            return timed[0][1] * step / max(1, steps[0])
+        if i == len(steps):
+            return timed[-1][1]
+        (s0, t0), (s1, t1) = timed[i - 1], timed[i]
+        return t0 + (t1 - t0) * (step - s0) / max(1, s1 - s0)
+
+    scale = fit_minutes / train_time(val[-1][0])
+    return [(train_time(s) * scale, a, s) for s, a in val], True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output", type=Path)
+    p.add_argument("--run", type=_label_path, action="append", default=[], help="LABEL=vit-train run dir")
+    p.add_argument("--csv", type=_label_path, action="append", default=[], help="LABEL=timm_baseline.py CSV")
+    p.add_argument("--fit-minutes", type=float, default=30.0, help="the runs' time budget (for estimated minutes)")
+    p.add_argument("--title", default="CIFAR-10 validation accuracy, 2 CPU cores")
+    args = p.parse_args()
+    if not args.run and not args.csv:
+        raise SystemExit("error: give at least one --run LABEL=DIR or --csv LABEL=FILE")
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, run_dir in args.run:
+        points, estimated = run_curve(run_dir, args.fit_minutes)
+        label = f"{label} (minutes est.)" if estimated else label
+        ax.plot([m for m, _, _ in points], [a for _, a, _ in points], "o-", ms=3, label=label)
+        print(label, " ".join(f"{m:.1f}min/{s}:{a:.2%}" for m, a, s in points))
+    for label, path in args.csv:
+        rows = list(csv.DictReader(open(path)))
+        points = [(float(r["minutes"]), float(r["val_acc"]), int(r["step"])) for r in rows]
+        ax.plot([m for m, _, _ in points], [a for _, a, _ in points], "s--", ms=4, label=label)
+        print(label, " ".join(f"{m:.1f}min/{s}:{a:.2%}" for m, a, s in points))
+    ax.set_xlabel("wall-clock minutes (training + validation)")
+    ax.set_ylabel("validation accuracy (5,000 images)")
+    ax.set_title(args.title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.output, dpi=100)
+    print(args.output)
+
+
+if __name__ == "__main__":
+    main()
