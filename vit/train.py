@@ -16,6 +16,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.errors import InstantiationException
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -87,7 +88,11 @@ def check_resumable(ckpt_path: str, module: ViTClassifier) -> None:
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [_instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers: list[Logger] = [_instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    return _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    extra = {}
+    if not any(isinstance(c, ProgressBar) for c in callbacks):
+        # callbacks.progress=null means no bar: without this Lightning would add its default one.
+        extra["enable_progress_bar"] = False
+    return _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
