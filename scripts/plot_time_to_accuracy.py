@@ -6,9 +6,11 @@
 
 `--run LABEL=DIR`: a vit-train run directory (its csv/metrics.csv). The minutes of each
 validation are the logged `time/minutes` (wall clock since training started, validation
-included); runs from before that key existed get `train/time` (training only, logged every
-log_every_n_steps) at the validation's step, scaled so that the last one lands at the fit's 30
-minutes: an estimate, marked "est." in the legend. `--csv LABEL=FILE`: scripts/timm_baseline.py's
+included); runs from before that key existed get an estimate, marked "est." in the legend:
+`train/time` (ThroughputMonitor's training seconds, logged every log_every_n_steps, validation
+excluded) at the validation's step, mapped linearly between anchors of known wall time: the start,
+each image-size change of a run whose schedules followed the clock (at its fraction of the budget),
+and the end of the fit. `--csv LABEL=FILE`: scripts/timm_baseline.py's
 output (epochs, step, minutes, val_acc). Prints each curve's points with their step counts.
 """
 
@@ -20,6 +22,7 @@ import csv
 from pathlib import Path
 
 import matplotlib
+from omegaconf import OmegaConf
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -51,8 +54,24 @@ def run_curve(run_dir: Path, fit_minutes: float) -> tuple[list[tuple[float, floa
         (s0, t0), (s1, t1) = timed[i - 1], timed[i]
         return t0 + (t1 - t0) * (step - s0) / max(1, s1 - s0)
 
-    scale = fit_minutes / train_time(val[-1][0])
-    return [(train_time(s) * scale, a, s) for s, a in val], True
+    # Anchors (training seconds -> wall minutes): the start, each image-size change of a run whose
+    # schedules followed the clock (it happened at that fraction of the budget), and the end.
+    anchors = [(0.0, 0.0)]
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    if cfg.optim.get("schedule_by_time") and cfg.data.get("img_size_schedule"):
+        sizes = sorted((int(r["step"]), int(float(r["train/img_size"]))) for r in rows if r.get("train/img_size"))
+        for fraction, size in sorted(map(tuple, cfg.data.img_size_schedule))[1:]:
+            first = next((step for step, s in sizes if s == size), None)
+            if first is not None:
+                anchors.append((train_time(first), fraction * fit_minutes))
+    anchors.append((train_time(val[-1][0]), fit_minutes))
+
+    def minutes(seconds: float) -> float:
+        i = min(max(1, bisect.bisect_left([a for a, _ in anchors], seconds)), len(anchors) - 1)
+        (a0, m0), (a1, m1) = anchors[i - 1], anchors[i]
+        return m0 + (m1 - m0) * (seconds - a0) / max(1e-9, a1 - a0)
+
+    return [(minutes(train_time(s)), a, s) for s, a in val], True
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.conftest import FAST, TINY_MODEL, compose_train
 from vit.checkpoint import load_checkpoint
 from vit.model import VisionTransformer
-from vit.optim import MuonAdamW, build_optimizer, param_groups
+from vit.optim import Muon, MuonAdamW, build_optimizer, newton_schulz, param_groups
 from vit.schedule import lr_factor
 from vit.train import train
 
@@ -56,7 +56,7 @@ def test_muon_adamw_steps_exactly_as_muon_and_adamw_stepped_apart():
     opt = build_optimizer(net, 1e-3, 0.05, (0.9, 0.99), muon_lr=0.02, muon_momentum=0.9, muon_weight_decay=0.01)
     assert isinstance(opt, MuonAdamW)
     muon, adamw = param_groups(ref, 1e-3, 0.05, 0.02, 0.01)
-    ref_muon = torch.optim.Muon(muon, momentum=0.9)
+    ref_muon = Muon(muon, momentum=0.9)
     ref_adamw = torch.optim.AdamW(adamw, betas=(0.9, 0.99))
     for seed in range(3):
 
@@ -79,6 +79,39 @@ def test_muon_adamw_steps_exactly_as_muon_and_adamw_stepped_apart():
     opt.param_groups[0]["lr"] = 0.5
     assert opt.muon.param_groups[0]["lr"] == 0.5
     assert len(opt.state) == len(list(net.parameters()))
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw"])
+def test_our_muon_in_bfloat16_is_torchs_muon_bit_for_bit(nesterov, adjust_lr_fn):
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((48, 16), (16, 48), (16, 16))]
+    refs = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    ours, theirs = Muon(ws, ns_dtype=torch.bfloat16, **kw), torch.optim.Muon(refs, **kw)
+    for step in range(3):
+        for w, r in zip(ws, refs):
+            w.grad = torch.randn_like(w)
+            r.grad = w.grad.clone()
+        ours.step(), theirs.step()
+        for w, r in zip(ws, refs):
+            assert torch.equal(w, r), step
+    for w, r in zip(ws, refs):
+        assert torch.equal(ours.state[w]["momentum_buffer"], theirs.state[r]["momentum_buffer"])
+
+
+def test_newton_schulz_in_float32_orthogonalizes_like_bfloat16_and_leaves_its_input():
+    torch.manual_seed(0)
+    for shape in ((64, 16), (16, 64), (32, 32)):
+        g = torch.randn(*shape)
+        before = g.clone()
+        x32 = newton_schulz(g, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
+        x16 = newton_schulz(g, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.bfloat16).float()
+        assert torch.equal(g, before) and x32.dtype == torch.float32 and x32.shape == g.shape
+        # The quintic iteration maps every singular value into roughly [0.5, 1.5] (not exactly 1).
+        s = torch.linalg.svdvals(x32)
+        assert s.min() > 0.3 and s.max() < 1.6, s
+        assert (x32 - x16).norm() / x32.norm() < 0.05  # the same map, at bfloat16's precision
 
 
 def test_muon_adamw_state_round_trips_and_refuses_an_adamw_state():

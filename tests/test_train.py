@@ -44,6 +44,16 @@ def test_trainer_keys_override_without_plus(tmp_path):
     assert cfg.trainer.max_epochs == 3 and cfg.trainer.limit_train_batches == 10 and cfg.data.seed == 7
 
 
+def test_callbacks_progress_null_leaves_no_progress_bar(tmp_path):
+    # Lightning adds a default bar when none is given; a run logged to a file asked for none.
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from vit.train import build_trainer
+
+    assert isinstance(build_trainer(compose_train([], tmp_path)).progress_bar_callback, RichProgressBar)
+    assert build_trainer(compose_train(["callbacks.progress=null"], tmp_path)).progress_bar_callback is None
+
+
 def test_unknown_key_is_rejected_by_hydra():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
