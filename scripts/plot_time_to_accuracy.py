@@ -21,11 +21,9 @@ import bisect
 import csv
 from pathlib import Path
 
-import matplotlib
 from omegaconf import OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from vit.outputs import plt, save_figure
 
 
 def _label_path(value: str) -> tuple[str, Path]:
@@ -100,9 +98,8 @@ def main() -> None:
     ax.set_title(args.title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.output, dpi=100)
+    save_figure(fig, args.output, dpi=100)
     print(args.output)
 
 

@@ -7,6 +7,17 @@ import sys
 from tests.conftest import REPO, cli_env
 
 
+def _benchmark(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/benchmark.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env(),
+    )
+
+
 def test_benchmark_runs_and_counts_fewer_flops_for_our_class_token_forward(tmp_path):
     out = tmp_path / "bench.json"
     args = [
@@ -29,14 +40,7 @@ def test_benchmark_runs_and_counts_fewer_flops_for_our_class_token_forward(tmp_p
         "--json",
         str(out),
     ]
-    r = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=cli_env(),
-    )
+    r = _benchmark(args)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     rows = {row["model"]: row for row in result["rows"]}
@@ -71,5 +75,5 @@ def test_loop_mode_times_vit_trains_step_against_a_bare_loop(folder_data, tmp_pa
     assert result["ratio"] == m["vit-train"] / m["bare"] > 0
     assert f"{result['ratio']:.3f}x" in r.stdout
     # Without data the loop cannot be measured: a clear message, exit 1.
-    r = subprocess.run([sys.executable, "scripts/benchmark.py", "--loop"], cwd=REPO, capture_output=True, text=True)
+    r = _benchmark(["--loop"])
     assert r.returncode == 1 and "--loop needs --data-root" in r.stderr
