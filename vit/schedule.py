@@ -44,14 +44,15 @@ def lr_factor(fraction: float, warmup: float, min_lr_ratio: float) -> float:
 
 
 def parse_schedule(
-    schedule: Sequence[Sequence[float]] | None, key: str, ok: Callable[[float], bool], allowed: str
+    schedule: Sequence[Sequence[float]] | None, key: str, value: str, ok: Callable[[float], bool], allowed: str
 ) -> list[tuple[float, float]]:
-    """[[fraction, value], ...] (the config key `key`) as sorted (fraction, value) pairs, starting
-    at fraction 0 with fractions below 1 and every value `ok`; ConfigError for anything else."""
+    """[[fraction, value], ...] (the config key `key`; `value` names the value) as sorted
+    (fraction, value) pairs, starting at fraction 0 with fractions below 1 and every value `ok`;
+    ConfigError for anything else."""
     pairs = []
     for item in schedule or []:
         if not isinstance(item, Sequence) or isinstance(item, str) or len(item) != 2:
-            raise ConfigError(f"{key} entries are [fraction, value] pairs, got {item!r}")
+            raise ConfigError(f"{key} entries are [fraction, {value}] pairs, got {item!r}")
         pairs.append((float(item[0]), item[1]))
     pairs.sort()
     if pairs and (pairs[0][0] != 0 or pairs[-1][0] >= 1 or not all(ok(v) for _, v in pairs)):
@@ -65,13 +66,15 @@ def parse_img_size_schedule(schedule: Sequence[Sequence[float]] | None) -> list[
     """data.img_size_schedule: [[fraction, size], ...]. (That the sizes fit the model's patch is
     checked with the model config: `vit.config`.)"""
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
-    return parse_schedule(schedule, "data.img_size_schedule", ok, "positive integer sizes")  # type: ignore[return-value]
+    return parse_schedule(schedule, "data.img_size_schedule", "size", ok, "positive integer sizes")  # type: ignore[return-value]
 
 
 def parse_patch_drop_schedule(schedule: Sequence[Sequence[float]] | None) -> list[tuple[float, float]]:
     """optim.patch_drop_schedule: [[fraction, rate], ...], rates in [0, 1)."""
     ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1  # noqa: E731
-    return [(f, float(v)) for f, v in parse_schedule(schedule, "optim.patch_drop_schedule", ok, "rates in [0, 1)")]
+    return [
+        (f, float(v)) for f, v in parse_schedule(schedule, "optim.patch_drop_schedule", "rate", ok, "rates in [0, 1)")
+    ]
 
 
 def value_at(fraction: float, schedule: Sequence[tuple[float, float]]) -> float | None:
