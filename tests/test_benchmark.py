@@ -59,14 +59,7 @@ def test_loop_mode_times_vit_trains_step_against_a_bare_loop(folder_data, tmp_pa
     args += ["--rounds", "2", "--json", str(out)]
     for o in ["data.val_size=30", "data.batch_size=16", "trainer.max_epochs=-1", *model]:
         args += ["--override", o]
-    r = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=cli_env(),
-    )
+    r = _benchmark(args)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["img_size"] == 8 and result["batch_size"] == 16 and result["rounds"] == 2
