@@ -58,7 +58,7 @@ class Muon(torch.optim.Muon):
     torch's runs it in bfloat16, which is fast on GPUs and on CPUs with bfloat16 instructions but
     emulated elsewhere: on the 2 AVX2 cores here float32 took 2,283 steps in a 5-minute cpu_30min
     run where bfloat16 took 2,243 (AdamW alone: 2,859; the iteration itself is ~24% of a 16 px
-    step's FLOPs at this model size). `ns_dtype=None` picks bfloat16 on CUDA and float32 elsewhere. Same groups, hyperparameters and state (`momentum_buffer`) as torch's; with
+    step's FLOPs at this model size, counted from the matrix shapes). `ns_dtype=None` picks bfloat16 on CUDA and float32 elsewhere. Same groups, hyperparameters and state (`momentum_buffer`) as torch's; with
     `ns_dtype=torch.bfloat16` the same update bit for bit (tested).
     """
 
