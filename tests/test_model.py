@@ -153,6 +153,44 @@ def test_init_matches_timm_statistics():
     assert m.cls_token.abs().max() < 1e-4
 
 
+def test_mimetic_init_makes_qk_near_identity_and_vo_near_minus_identity():
+    torch.manual_seed(0)
+    C, heads = 64, 4
+    m = VisionTransformer(**dict(TINY, embed_dim=C, num_heads=heads, weight_init="mimetic"))
+    plain = VisionTransformer(**dict(TINY, embed_dim=C, num_heads=heads))
+    eye = torch.eye(C)
+    for blk in m.blocks:
+        attn, hd = blk.attn, C // heads
+        w = attn.qkv.weight
+        wq, wk, wv = w[:C], w[C : 2 * C], w[2 * C :]
+        for h in range(heads):
+            qk = wq[h * hd : (h + 1) * hd].T @ wk[h * hd : (h + 1) * hd]  # (C, C), rank hd
+            assert torch.linalg.matrix_rank(qk) == hd
+            # The best rank-hd approximation of 0.7 Z + 0.7 I keeps a positive diagonal.
+            assert qk.diagonal().mean() > 0.2 and (qk.diagonal() > 0).float().mean() > 0.9
+        vo = attn.proj.weight @ wv  # full rank: exactly 0.4 Z - 0.4 I
+        noise = (vo + 0.4 * eye) / 0.4
+        assert abs(noise.diagonal().mean()) < 0.05
+        assert abs(noise.std().item() * C**0.5 - 1.0) < 0.1  # Z has variance 1 / C
+        assert attn.qkv.bias.abs().max() == 0 and attn.proj.bias.abs().max() == 0
+    # Only the attention weights differ from timm's init; the other weights keep its statistics.
+    assert abs(m.blocks[0].mlp.fc1.weight.std().item() - plain.blocks[0].mlp.fc1.weight.std().item()) < 0.003
+    assert m.config["weight_init"] == "mimetic"
+
+
+def test_mimetic_init_changes_values_not_structure():
+    """A mimetic-initialized model is still timm's: strict load both ways, equal logits."""
+    kw = dict(TINY, class_token=False, global_pool="avg")
+    ours = VisionTransformer(**kw, weight_init="mimetic").eval()
+    theirs = TimmViT(**kw).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = _images(kw)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    back = VisionTransformer(**ours.config).eval()  # the config rebuilds it; the weights come from the state
+    back.load_state_dict(theirs.state_dict(), strict=True)
+    torch.testing.assert_close(back(x), ours(x), atol=0, rtol=0)
+
+
 def test_drop_path_increases_linearly_and_is_inactive_in_eval():
     m = VisionTransformer(**dict(TINY, depth=3, drop_path_rate=0.2))
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in m.blocks]
@@ -254,6 +292,7 @@ def test_load_timm_weights_rejects_mismatched_model(tmp_path):
         (dict(TINY, class_token=False), "needs class_token=True"),
         (dict(TINY, pos_embed="rope"), "pos_embed must be one of"),
         (dict(TINY, drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\)"),
+        (dict(TINY, weight_init="jax"), r"weight_init must be one of \('', 'mimetic'\), got 'jax'"),
     ],
 )
 def test_bad_config_raises_value_error(kw, match):

@@ -69,13 +69,13 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
 def check_resumable(ckpt_path: str, module: ViTClassifier) -> None:
     """Fail with one message, before training, when ckpt_path cannot continue this run."""
     recorded = recorded_model_config(read_checkpoint(ckpt_path))  # also: missing, truncated, unsafe
-    # fused_attn and dynamic_img_size switch how the same weights run, not what they are; a key
-    # that an older checkpoint lacks counts as its default.
+    # fused_attn and dynamic_img_size switch how the same weights run, weight_init how they
+    # started, not what they are; a key that an older checkpoint lacks counts as its default.
     defaults = {k: p.default for k, p in inspect.signature(VisionTransformer).parameters.items()}
     differ = {
         k: (recorded.get(k, defaults.get(k)), v)
         for k, v in module.net.config.items()
-        if k not in ("fused_attn", "dynamic_img_size") and recorded.get(k, defaults.get(k)) != v
+        if k not in ("fused_attn", "dynamic_img_size", "weight_init") and recorded.get(k, defaults.get(k)) != v
     }
     if differ:
         detail = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
