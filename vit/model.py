@@ -354,7 +354,8 @@ class PatchDropout(nn.Module):
 class VisionTransformer(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2021) with timm's keywords, defaults and names.
 
-    Extra over timm: `pos_embed="sincos"` (a fixed buffer, not a parameter) and `fused_attn`.
+    Extra over timm: `pos_embed="sincos"` (a fixed buffer, not a parameter), `fused_attn`, and
+    `weight_init="mimetic"` (`mimetic_init_` of each attention layer after timm's init).
     `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
     """
