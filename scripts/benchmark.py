@@ -5,6 +5,7 @@ Both models are built with the same keywords and weights, then measured interlea
 
     python scripts/benchmark.py                        # CPU, the default CIFAR config, batch 128
     python scripts/benchmark.py --device cuda          # bf16 autocast on CUDA
+    python scripts/benchmark.py --precision bf16       # bf16 autocast on the CPU too
     python scripts/benchmark.py --compile              # also torch.compile'd variants
     python scripts/benchmark.py --data-root $HOME/data/cifar10-jpeg   # data pipeline on real images
     python scripts/benchmark.py --loop --data-root $HOME/data/cifar10-jpeg --img-size-at 16
@@ -49,19 +50,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast, or plain fp32 (--precision)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def make_train_step(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: str
 ) -> Callable[[], None]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
     def step() -> None:
-        with autocast(device):
+        with autocast(device, precision):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
@@ -70,9 +72,11 @@ def make_train_step(
     return step
 
 
-def make_infer_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], None]:
+def make_infer_step(
+    model: torch.nn.Module, x: torch.Tensor, device: torch.device, precision: str
+) -> Callable[[], None]:
     def step() -> None:
-        with torch.inference_mode(), autocast(device):
+        with torch.inference_mode(), autocast(device, precision):
             model(x)
 
     return step
@@ -259,6 +263,12 @@ def loop_comparison(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default=None,
+        help="autocast dtype (default: bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=7)
@@ -290,6 +300,7 @@ def main() -> None:
         return
 
     device = torch.device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     kw = {k: getattr(args, k) for k in DEFAULT}
     torch.manual_seed(0)
     ours = VisionTransformer(**kw).to(device)
@@ -312,17 +323,25 @@ def main() -> None:
     flops.update({k: flops[k.split("+")[0]] for k in models})
     fwd_flops = flops["timm"] // 3  # backward is two matmuls per forward matmul
     train = interleaved(
-        {k: make_train_step(m, x, y, device) for k, m in models.items()}, args.steps, args.rounds, args.warmup, device
+        {k: make_train_step(m, x, y, device, precision) for k, m in models.items()},
+        args.steps,
+        args.rounds,
+        args.warmup,
+        device,
     )
     for m in models.values():
         m.eval()
     infer = interleaved(
-        {k: make_infer_step(m, x, device) for k, m in models.items()}, args.steps, args.rounds, args.warmup, device
+        {k: make_infer_step(m, x, device, precision) for k, m in models.items()},
+        args.steps,
+        args.rounds,
+        args.warmup,
+        device,
     )
     for m in models.values():
         m.train()
     if device.type == "cuda":
-        memory = {k: cuda_peak_bytes(make_train_step(m, x, y, device)) for k, m in models.items()}
+        memory = {k: cuda_peak_bytes(make_train_step(m, x, y, device, precision)) for k, m in models.items()}
         memory_kind = "peak CUDA memory, one training step"
     else:
         memory = {k: saved_activation_bytes(m, x, y) for k, m in models.items() if "compile" not in k}
@@ -351,6 +370,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "config": kw,
         "batch_size": bs,
+        "precision": precision,
         "forward_gflop_per_image": fwd_flops / bs / 1e9,
         "matmul_peak_gflop_s": peak,
         "memory_kind": memory_kind,
@@ -360,7 +380,7 @@ def main() -> None:
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
 
-    print(f"\n{result['machine']}, {result['threads']} threads, batch {bs}, {device}")
+    print(f"\n{result['machine']}, {result['threads']} threads, batch {bs}, {device}, {precision}")
     print(f"config {kw}; fp32 matmul peak {peak:.0f} GFLOP/s\n")
     print(
         "| model | train img/s | vs timm | infer img/s | vs timm | GFLOP per train step | "

@@ -45,6 +45,7 @@ def test_benchmark_runs_and_counts_fewer_flops_for_our_class_token_forward(tmp_p
     result = json.loads(out.read_text())
     rows = {row["model"]: row for row in result["rows"]}
     assert set(rows) == {"ours", "timm"}
+    assert result["precision"] == "fp32"  # the CPU default; --precision bf16 adds autocast
     assert all(row["train_img_s"] > 0 and row["infer_img_s"] > 0 for row in rows.values())
     # The last of 2 blocks computes queries, projection and MLP for 1 of 17 tokens: fewer FLOPs.
     assert rows["ours"]["train_gflop_per_step"] < 0.8 * rows["timm"]["train_gflop_per_step"]
