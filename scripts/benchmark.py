@@ -9,6 +9,7 @@ Both models are built with the same keywords and weights, then measured interlea
     python scripts/benchmark.py --compile              # also torch.compile'd variants
     python scripts/benchmark.py --data-root $HOME/data/cifar10-jpeg   # data pipeline on real images
     python scripts/benchmark.py --loop --data-root $HOME/data/cifar10-jpeg --img-size-at 16
+    python scripts/benchmark.py --variant num_heads=8 --img-size-at 32 --steps 8 --rounds 5
 
 Prints a markdown table and writes JSON (--json).
 
@@ -16,12 +17,17 @@ Prints a markdown table and writes JSON (--json).
 with the experiment's callbacks, metrics and logging, as `vit-train experiment=cpu_30min` builds
 it) against a bare PyTorch step over the same model, optimizer, loader and batch pipeline, at one
 training size, interleaved; the ratio is the share of the bare loop's speed that vit-train keeps.
+
+`--variant KEY=VALUE` times a bare training step of the experiment's model (cpu_30min's by default)
+against the same model with those keywords changed (`patch_drop_rate=0.5`, `num_heads=8`,
+`class_token=true --variant global_pool=token`, or `precision=bf16` for autocast), interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import platform
@@ -260,6 +266,56 @@ def loop_comparison(args: argparse.Namespace) -> dict:
     return result
 
 
+def variant_comparison(args: argparse.Namespace) -> dict:
+    """Our model as --experiment builds it against the same model with --variant keywords changed:
+    a bare training step of each (AdamW, a batch of random images at --img-size-at px), interleaved.
+    The key `precision` (bf16 or fp32) changes a model's autocast instead of a keyword."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from vit.config import CONFIG_DIR
+
+    changes: dict = {}
+    for item in args.variant:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --variant {item!r} must be KEY=VALUE, e.g. num_heads=8")
+        changes[key] = yaml.safe_load(value)
+    precision = {"base": args.precision or "fp32", "variant": changes.pop("precision", args.precision or "fp32")}
+    if precision["variant"] not in ("bf16", "fp32"):
+        raise SystemExit(f"error: --variant precision={precision['variant']!r}: bf16 or fp32")
+    unknown = set(changes) - set(inspect.signature(VisionTransformer).parameters)
+    if unknown:
+        raise SystemExit(f"error: --variant {', '.join(sorted(unknown))}: not a VisionTransformer keyword")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={args.experiment}", *args.override])
+    base = OmegaConf.to_container(cfg.model, resolve=True)
+    for key in ("compile", "pretrained"):  # vit-train's options, not the network's keywords
+        base.pop(key, None)
+    base.update(img_size=args.img_size_at, num_classes=10)  # built for the timed size
+    device, s = torch.device(args.device), args.img_size_at
+    torch.manual_seed(0)
+    try:
+        models = {"base": VisionTransformer(**base), "variant": VisionTransformer(**{**base, **changes})}
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: --variant {' '.join(args.variant)}: {e}") from e
+    x = torch.randn(args.batch_size, 3, s, s, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    steps = {k: make_train_step(m.to(device).train(), x, y, device, precision[k]) for k, m in models.items()}
+    times = interleaved(steps, args.steps, args.rounds, args.warmup, device)
+    img_s = {k: args.batch_size / t for k, t in times.items()}
+    return {
+        "experiment": args.experiment,
+        "variant": changes | ({"precision": precision["variant"]} if precision["variant"] != precision["base"] else {}),
+        "img_size": s,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "median_img_s": img_s,
+        "ratio": img_s["variant"] / img_s["base"],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -279,10 +335,18 @@ def main() -> None:
     p.add_argument("--json", default="benchmark.json")
     p.add_argument("--loop", action="store_true", help="vit-train's step against a bare loop (needs --data-root)")
     p.add_argument("--experiment", default="cpu_30min", help="--loop: the experiment whose training is measured")
-    p.add_argument("--img-size-at", type=int, default=16, help="--loop: the training size (px)")
+    p.add_argument("--img-size-at", type=int, default=16, help="--loop, --variant: the training size (px)")
     p.add_argument("--loop-steps", type=int, default=100, help="--loop: timed steps per round")
     p.add_argument("--loop-skip", type=int, default=10, help="--loop: warm-up steps per round, not timed")
-    p.add_argument("--override", action="append", default=[], help="--loop: a vit-train override (repeatable)")
+    p.add_argument(
+        "--override", action="append", default=[], help="--loop, --variant: a vit-train override (repeatable)"
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="KEY=VALUE (repeatable): time the experiment's model against itself with these keywords changed",
+    )
     for k, v in DEFAULT.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     args = p.parse_args()
@@ -297,6 +361,17 @@ def main() -> None:
             f"\n{args.experiment} at {args.img_size_at} px, batch {result['batch_size']}, {args.rounds} rounds interleaved"
         )
         print(f"vit-train {m['vit-train']:.0f} img/s, bare loop {m['bare']:.0f} img/s: {result['ratio']:.3f}x")
+        return
+
+    if args.variant:
+        result = variant_comparison(args)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        m = result["median_img_s"]
+        print(
+            f"\n{args.experiment}'s model at {args.img_size_at} px, batch {args.batch_size}, {args.rounds} rounds interleaved"
+        )
+        print(f"base {m['base']:.0f} img/s, {result['variant']} {m['variant']:.0f} img/s: {result['ratio']:.3f}x")
         return
 
     device = torch.device(args.device)

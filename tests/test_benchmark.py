@@ -1,8 +1,11 @@
 """scripts/benchmark.py runs end to end on a tiny configuration and reports what it measured."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO, cli_env
 
@@ -71,3 +74,34 @@ def test_loop_mode_times_vit_trains_step_against_a_bare_loop(folder_data, tmp_pa
     # Without data the loop cannot be measured: a clear message, exit 1.
     r = _benchmark(["--loop"])
     assert r.returncode == 1 and "--loop needs --data-root" in r.stderr
+
+
+def test_variant_mode_times_the_experiments_model_against_a_changed_copy(tmp_path):
+    out = tmp_path / "variant.json"
+    args = ["--variant", "num_heads=4", "--variant", "precision=bf16", "--img-size-at", "8", "--batch-size", "4"]
+    args += ["--rounds", "2", "--steps", "1", "--warmup", "0", "--json", str(out)]
+    for o in ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]:
+        args += ["--override", o]
+    r = _benchmark(args)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["experiment"] == "cpu_30min" and result["img_size"] == 8 and result["batch_size"] == 4
+    assert result["variant"] == {"num_heads": 4, "precision": "bf16"}  # values parsed as YAML
+    m = result["median_img_s"]
+    assert min(m.values()) > 0 and result["ratio"] == m["variant"] / m["base"]
+    assert f"{result['ratio']:.3f}x" in r.stdout
+
+
+def test_variant_mode_refuses_what_is_not_a_model_keyword(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    for variant, message in [
+        ("num_head=8", "num_head: not a VisionTransformer keyword"),
+        ("num_heads", "must be KEY=VALUE"),
+        ("precision=fp16", "bf16 or fp32"),
+        ("global_pool=max", "global_pool must be one of"),  # the model's own check
+    ]:
+        monkeypatch.setattr(sys, "argv", ["benchmark.py", "--variant", variant, "--json", "unused.json"])
+        with pytest.raises(SystemExit, match=message):
+            benchmark.main()
