@@ -293,11 +293,16 @@ def variant_comparison(args: argparse.Namespace) -> dict:
     base = OmegaConf.to_container(cfg.model, resolve=True)
     for key in ("compile", "pretrained"):  # vit-train's options, not the network's keywords
         base.pop(key, None)
-    base.update(img_size=args.img_size_at, num_classes=10)  # built for the timed size
+    base["num_classes"] = 10
+
+    def build(kw: dict) -> VisionTransformer:
+        # As vit-train builds it: for data.img_size, run at the scheduled size when dynamic.
+        return VisionTransformer(**kw, img_size=cfg.data.img_size if kw.get("dynamic_img_size") else args.img_size_at)
+
     device, s = torch.device(args.device), args.img_size_at
     torch.manual_seed(0)
     try:
-        models = {"base": VisionTransformer(**base), "variant": VisionTransformer(**{**base, **changes})}
+        models = {"base": build(base), "variant": build({**base, **changes})}
     except (TypeError, ValueError) as e:
         raise SystemExit(f"error: --variant {' '.join(args.variant)}: {e}") from e
     x = torch.randn(args.batch_size, 3, s, s, device=device)
