@@ -355,28 +355,18 @@ def main() -> None:
     for k, v in DEFAULT.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     args = p.parse_args()
-    if args.loop:
-        if not args.data_root:
+    if args.loop or args.variant:  # one size, two steps interleaved: JSON and two lines
+        if args.loop and not args.data_root:
             raise SystemExit("error: --loop needs --data-root (a class-folder dataset, e.g. $HOME/data/cifar10-jpeg)")
-        result = loop_comparison(args)
+        result = loop_comparison(args) if args.loop else variant_comparison(args)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-        m = result["median_img_s"]
-        print(
-            f"\n{args.experiment} at {args.img_size_at} px, batch {result['batch_size']}, {args.rounds} rounds interleaved"
-        )
-        print(f"vit-train {m['vit-train']:.0f} img/s, bare loop {m['bare']:.0f} img/s: {result['ratio']:.3f}x")
-        return
-
-    if args.variant:
-        result = variant_comparison(args)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        m = result["median_img_s"]
-        print(
-            f"\n{args.experiment}'s model at {args.img_size_at} px, batch {args.batch_size}, {args.rounds} rounds interleaved"
-        )
-        print(f"base {m['base']:.0f} img/s, {result['variant']} {m['variant']:.0f} img/s: {result['ratio']:.3f}x")
+        m, what = result["median_img_s"], args.experiment + ("" if args.loop else "'s model")
+        print(f"\n{what} at {args.img_size_at} px, batch {result['batch_size']}, {args.rounds} rounds interleaved")
+        if args.loop:
+            print(f"vit-train {m['vit-train']:.0f} img/s, bare loop {m['bare']:.0f} img/s: {result['ratio']:.3f}x")
+        else:
+            print(f"base {m['base']:.0f} img/s, {result['variant']} {m['variant']:.0f} img/s: {result['ratio']:.3f}x")
         return
 
     device = torch.device(args.device)
