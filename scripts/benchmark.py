@@ -339,7 +339,11 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--json", default="benchmark.json")
     p.add_argument("--loop", action="store_true", help="vit-train's step against a bare loop (needs --data-root)")
-    p.add_argument("--experiment", default="cpu_30min", help="--loop: the experiment whose training is measured")
+    p.add_argument(
+        "--experiment",
+        default="cpu_30min",
+        help="--loop, --variant: the experiment whose training or model is measured",
+    )
     p.add_argument("--img-size-at", type=int, default=16, help="--loop, --variant: the training size (px)")
     p.add_argument("--loop-steps", type=int, default=100, help="--loop: timed steps per round")
     p.add_argument("--loop-skip", type=int, default=10, help="--loop: warm-up steps per round, not timed")
