@@ -214,6 +214,20 @@ def test_sincos_pos_embed():
     assert m(_images(TINY)).shape == (3, 5)
 
 
+def test_sincos_temperature_sets_the_lowest_frequency_on_every_grid():
+    # Channels [0, dim/4) are sin(y * omega_k), omega_k = temperature ** (-k / (dim/4)).
+    pe = sincos_pos_embed_2d((8, 1), 32, temperature=100.0)  # y = 0..7, x = 0
+    omega = 100.0 ** (-torch.arange(8) / 8)
+    torch.testing.assert_close(pe[:, :8], torch.sin(torch.arange(8.0)[:, None] * omega))
+    m = VisionTransformer(**dict(TINY, pos_embed="sincos", pos_embed_temperature=100.0, dynamic_img_size=True))
+    assert m.config["pos_embed_temperature"] == 100.0
+    torch.testing.assert_close(m.pos_embed[0, 1:], sincos_pos_embed_2d((4, 4), 32, temperature=100.0))
+    # Another image size computes its grid with the same temperature (16 px: a 4 x 4 grid, 8 px: 2 x 2).
+    coarse = m._pos_embed_for((2, 2))[0, 1:]
+    torch.testing.assert_close(coarse, sincos_pos_embed_2d((2, 2), 32, 100.0, base_grid=(4, 4)))
+    assert not torch.allclose(coarse, sincos_pos_embed_2d((2, 2), 32, base_grid=(4, 4)))
+
+
 def test_load_timm_weights_resamples_from_a_file(tmp_path):
     torch.manual_seed(0)
     # A "pretrained" timm model at another resolution and patch size, saved to disk.
@@ -291,6 +305,8 @@ def test_load_timm_weights_rejects_mismatched_model(tmp_path):
         (dict(TINY, global_pool="max"), "global_pool must be one of"),
         (dict(TINY, class_token=False), "needs class_token=True"),
         (dict(TINY, pos_embed="rope"), "pos_embed must be one of"),
+        (dict(TINY, pos_embed="sincos", pos_embed_temperature=0.0), "pos_embed_temperature must be > 0, got 0.0"),
+        (dict(TINY, pos_embed_temperature=100.0), "pos_embed='learn' does not use it"),
         (dict(TINY, drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\)"),
         (dict(TINY, weight_init="jax"), r"weight_init must be one of \('', 'mimetic'\), got 'jax'"),
     ],

@@ -354,7 +354,8 @@ class PatchDropout(nn.Module):
 class VisionTransformer(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2021) with timm's keywords, defaults and names.
 
-    Extra over timm: `pos_embed="sincos"` (a fixed buffer, not a parameter), `fused_attn`, and
+    Extra over timm: `pos_embed="sincos"` (a fixed buffer, not a parameter; its lowest frequency
+    set by `pos_embed_temperature`, as in timm's `build_sincos2d_pos_embed`), `fused_attn`, and
     `weight_init="mimetic"` (`mimetic_init_` of each attention layer after timm's init).
     `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
@@ -378,6 +379,7 @@ class VisionTransformer(nn.Module):
         class_token: bool = True,
         reg_tokens: int = 0,
         pos_embed: str = "learn",
+        pos_embed_temperature: float = 10000.0,
         no_embed_class: bool = False,
         fc_norm: bool | None = None,
         drop_rate: float = 0.0,
@@ -408,6 +410,7 @@ class VisionTransformer(nn.Module):
             "class_token": class_token,
             "reg_tokens": reg_tokens,
             "pos_embed": pos_embed,
+            "pos_embed_temperature": pos_embed_temperature,
             "no_embed_class": no_embed_class,
             "fc_norm": fc_norm,
             "drop_rate": drop_rate,
@@ -428,6 +431,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if not pos_embed_temperature > 0:
+            raise ValueError(f"pos_embed_temperature must be > 0, got {pos_embed_temperature}")
+        if pos_embed != "sincos" and pos_embed_temperature != 10000.0:
+            raise ValueError(f"pos_embed_temperature sets sin-cos positions; pos_embed={pos_embed!r} does not use it")
         if depth < 1 or embed_dim < 1 or num_classes < 0 or reg_tokens < 0:
             raise ValueError(
                 "need depth >= 1, embed_dim >= 1, num_classes >= 0, reg_tokens >= 0; "
@@ -463,7 +470,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
         elif pos_embed == "sincos":
             # Fixed, so a buffer rebuilt at construction rather than stored in checkpoints.
-            pe = sincos_pos_embed_2d(self.patch_embed.grid_size, embed_dim)
+            pe = sincos_pos_embed_2d(self.patch_embed.grid_size, embed_dim, pos_embed_temperature)
             if not no_embed_class and self.num_prefix_tokens:
                 pe = torch.cat([pe.new_zeros(self.num_prefix_tokens, embed_dim), pe])  # prefix tokens: no position
             self.register_buffer("pos_embed", pe[None], persistent=False)
@@ -533,7 +540,8 @@ class VisionTransformer(nn.Module):
         prefix = 0 if self.no_embed_class else self.num_prefix_tokens
         if isinstance(pe, nn.Parameter):
             return resample_pos_embed(pe, grid, prefix, old_grid=built)
-        new = sincos_pos_embed_2d(grid, self.embed_dim, base_grid=built, device=pe.device).to(pe.dtype)
+        temperature = self.config["pos_embed_temperature"]
+        new = sincos_pos_embed_2d(grid, self.embed_dim, temperature, base_grid=built, device=pe.device).to(pe.dtype)
         return torch.cat([pe[0, :prefix], new])[None]
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
