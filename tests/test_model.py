@@ -6,9 +6,11 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from vit.errors import CheckpointError
 from vit.model import (
+    IMPULSE_PATCH_EMBED_GAIN,
     Attention,
     PatchEmbed,
     VisionTransformer,
+    impulse_init_,
     resample_pos_embed,
     sincos_pos_embed_2d,
 )
@@ -191,6 +193,63 @@ def test_mimetic_init_changes_values_not_structure():
     torch.testing.assert_close(back(x), ours(x), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [10000.0, 100.0])
+@pytest.mark.parametrize("grid", [(8, 8), (6, 10)])
+def test_impulse_init_points_each_head_at_its_offset_on_any_grid(temperature, grid):
+    """On sin-cos positions alone, head h's logits are scale * sum_w [cos w(dy_i + dy - dy_j) + ...]:
+    the formula, and so largest at j = i + offset[h] for every patch whose target is on the grid."""
+    C, heads = 64, 4
+    attn = Attention(C, num_heads=heads, qkv_bias=True)
+    values, proj, bias = attn.qkv.weight[2 * C :].clone(), attn.proj.weight.clone(), attn.qkv.bias.clone()
+    offsets = [(0, 1), (1, 0), (-1, -1), (0, 0)]
+    impulse_init_(attn, offsets, temperature, scale=3.0)
+    gh, gw = grid
+    pos = sincos_pos_embed_2d(grid, C, temperature)  # (N, C)
+    q, k = (pos @ attn.qkv.weight[:C].T), (pos @ attn.qkv.weight[C : 2 * C].T)  # (N, C) each
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    ys, xs = ys.flatten().float(), xs.flatten().float()
+    hd, n = C // heads, C // heads // 4
+    omega = 1.0 / temperature ** (torch.arange(n) / (C // 4))
+    for h, (dy, dx) in enumerate(offsets):
+        logits = q[:, h * hd : (h + 1) * hd] @ k[:, h * hd : (h + 1) * hd].T  # (N, N)
+        dys = (ys[:, None] + dy - ys[None, :])[..., None] * omega
+        dxs = (xs[:, None] + dx - xs[None, :])[..., None] * omega
+        torch.testing.assert_close(logits, 3.0 * (dys.cos() + dxs.cos()).sum(-1), atol=1e-4, rtol=1e-4)
+        ty, tx = ys + dy, xs + dx
+        inside = (ty >= 0) & (ty < gh) & (tx >= 0) & (tx < gw)
+        assert (logits.argmax(1)[inside] == (ty * gw + tx)[inside].long()).all()
+    # Values, output projection and biases untouched.
+    assert torch.equal(attn.qkv.weight[2 * C :], values) and torch.equal(attn.proj.weight, proj)
+    assert torch.equal(attn.qkv.bias, bias)
+
+
+def test_impulse_init_draws_distinct_taps_and_scales_only_the_patch_embedding():
+    kw = dict(TINY, embed_dim=64, depth=3, class_token=False, global_pool="avg", pos_embed="sincos", dynamic_img_size=True)
+    torch.manual_seed(0)
+    plain = VisionTransformer(**kw)
+    torch.manual_seed(0)
+    m = VisionTransformer(**kw, weight_init="impulse")
+    C, hd = 64, 16
+    pos = sincos_pos_embed_2d((4, 4), C)
+    for blk, ref in zip(m.blocks, plain.blocks, strict=True):
+        w = blk.attn.qkv.weight
+        taps = set()
+        for h in range(4):
+            rows = slice(h * hd, (h + 1) * hd)
+            logits = (pos @ w[:C][rows].T) @ (pos @ w[C:][rows].T).T  # (16, 16) on the 4 x 4 grid
+            at = logits[5].argmax().item()  # patch (1, 1): every tap of a 3 x 3 kernel is on the grid
+            taps.add((at // 4 - 1, at % 4 - 1))
+        assert len(taps) == 4  # distinct taps of the 3 x 3 kernel
+        # Values, output projection and the MLP keep timm's init, drawn identically.
+        torch.testing.assert_close(w[2 * C :], ref.attn.qkv.weight[2 * C :], atol=0, rtol=0)
+        torch.testing.assert_close(blk.attn.proj.weight, ref.attn.proj.weight, atol=0, rtol=0)
+        torch.testing.assert_close(blk.mlp.fc1.weight, ref.mlp.fc1.weight, atol=0, rtol=0)
+    torch.testing.assert_close(m.patch_embed.proj.weight, IMPULSE_PATCH_EMBED_GAIN * plain.patch_embed.proj.weight)
+    torch.manual_seed(0)
+    again = VisionTransformer(**kw, weight_init="impulse")
+    torch.testing.assert_close(again.blocks[2].attn.qkv.weight, m.blocks[2].attn.qkv.weight, atol=0, rtol=0)
+
+
 def test_drop_path_increases_linearly_and_is_inactive_in_eval():
     m = VisionTransformer(**dict(TINY, depth=3, drop_path_rate=0.2))
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in m.blocks]
@@ -308,7 +367,9 @@ def test_load_timm_weights_rejects_mismatched_model(tmp_path):
         (dict(TINY, pos_embed="sincos", pos_embed_temperature=0.0), "pos_embed_temperature must be > 0, got 0.0"),
         (dict(TINY, pos_embed_temperature=100.0), "pos_embed='learn' does not use it"),
         (dict(TINY, drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\)"),
-        (dict(TINY, weight_init="jax"), r"weight_init must be one of \('', 'mimetic'\), got 'jax'"),
+        (dict(TINY, weight_init="jax"), r"weight_init must be one of \('', 'mimetic', 'impulse'\), got 'jax'"),
+        (dict(TINY, weight_init="impulse"), "derived from sin-cos positions: set pos_embed='sincos', not 'learn'"),
+        (dict(TINY, embed_dim=24, num_heads=4, pos_embed="sincos", weight_init="impulse"), "head_dim divisible by 4, got 24 and 6"),
     ],
 )
 def test_bad_config_raises_value_error(kw, match):

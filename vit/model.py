@@ -28,11 +28,12 @@ __all__ = [
     "sincos_pos_embed_2d",
     "resample_pos_embed",
     "mimetic_init_",
+    "impulse_init_",
 ]
 
 GLOBAL_POOLS = ("token", "avg", "")
 POS_EMBEDS = ("learn", "sincos", "none")
-WEIGHT_INITS = ("", "mimetic")  # timm's default init; ours: mimetic_init_ on top of it
+WEIGHT_INITS = ("", "mimetic", "impulse")  # timm's default init; ours: mimetic_init_ / impulse_init_ on top of it
 
 
 def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -206,6 +207,51 @@ def mimetic_init_(
     attn.proj.weight.copy_(L)  # W_proj (C, C): W_proj @ W_v = a2 Z - b2 I
 
 
+# weight_init="impulse": the patch embedding's initial weights are scaled by this, so that in the
+# first LayerNorm the sin-cos positions outweigh the pixels (~4:1 per channel instead of ~1:1) and
+# the heads' positional pattern, not a token's similarity to itself, sets where they attend.
+IMPULSE_PATCH_EMBED_GAIN = 0.3
+
+
+@torch.no_grad()
+def impulse_init_(attn: Attention, offsets: list[tuple[int, int]], temperature: float = 10000.0, scale: float = 8.0) -> None:
+    """Impulse initialization of one attention layer's queries and keys, in place, for sin-cos
+    positions: head h starts attending from each patch to the patch `offsets[h]` = (dy, dx) away,
+    one tap of a convolution (Zheng et al. 2024, "Structured initialization for attention in
+    vision transformers"). Values, output projection and biases keep their init.
+
+    Derived in closed form rather than fitted: `sincos_pos_embed_2d` stores, per frequency w,
+    (sin wy, cos wy) and (sin wx, cos wx), and a shift by d rotates each pair by w d. With W_k
+    reading the head_dim/4 highest frequencies of each of the four quarters and W_q reading the
+    same channels rotated by (dy, dx), q_i . k_j = scale * sum_w [cos w(y_i + dy - y_j) + cos w(x_i + dx - x_j)]
+    for the positions' part, largest at j = i + (dy, dx), on every grid size (progressive resizing
+    included). `offsets` count patches of the grid the positions are built on; `scale` multiplies
+    the logits before the 1/sqrt(head_dim).
+    """
+    C, hd, H = attn.proj.in_features, attn.head_dim, attn.num_heads
+    if hd % 4 or C % 4:
+        raise ValueError(f"weight_init='impulse' needs embed_dim and head_dim divisible by 4, got {C} and {hd}")
+    if len(offsets) != H:
+        raise ValueError(f"impulse_init_ needs one offset per head ({H}), got {len(offsets)}")
+    q4, n = C // 4, hd // 4  # channels per quarter (sin y, cos y, sin x, cos x); frequencies per head
+    omega = 1.0 / temperature ** (torch.arange(n, dtype=torch.float32) / q4)  # the n highest, as in sincos_pos_embed_2d
+    root = math.sqrt(scale)
+    w = attn.qkv.weight  # (3C, C): rows [0:C] make queries, [C:2C] keys
+    w[: 2 * C].zero_()
+    for h, (dy, dx) in enumerate(offsets):
+        for axis, d in ((0, dy), (1, dx)):  # quarters 0, 1: sin y, cos y; 2, 3: sin x, cos x
+            sin_ch = torch.arange(n) + 2 * axis * q4  # the channel of sin(w t) for each frequency
+            cos_ch = sin_ch + q4
+            c, s = torch.cos(omega * d), torch.sin(omega * d)
+            rows_sin = h * hd + 2 * axis * n + torch.arange(n)  # this head's query / key rows for the pairs
+            rows_cos = rows_sin + n
+            # query (sin w(t+d), cos w(t+d)): the pair (sin wt, cos wt) rotated; key: the pair itself
+            w[rows_sin, sin_ch], w[rows_sin, cos_ch] = root * c, root * s
+            w[rows_cos, sin_ch], w[rows_cos, cos_ch] = -root * s, root * c
+            w[C + rows_sin, sin_ch] = root
+            w[C + rows_cos, cos_ch] = root
+
+
 class Mlp(nn.Module):
     """Two-layer perceptron with exact (erf) GELU, as in ViT."""
 
@@ -356,7 +402,8 @@ class VisionTransformer(nn.Module):
 
     Extra over timm: `pos_embed="sincos"` (a fixed buffer, not a parameter; its lowest frequency
     set by `pos_embed_temperature`, as in timm's `build_sincos2d_pos_embed`), `fused_attn`, and
-    `weight_init="mimetic"` (`mimetic_init_` of each attention layer after timm's init).
+    `weight_init="mimetic"` (`mimetic_init_` of each attention layer after timm's init) and, with
+    sin-cos positions, `weight_init="impulse"` (`impulse_init_`).
     `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
     """
@@ -429,6 +476,8 @@ class VisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without a class token")
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
+        if weight_init == "impulse" and pos_embed != "sincos":
+            raise ValueError(f"weight_init='impulse' is derived from sin-cos positions: set pos_embed='sincos', not {pos_embed!r}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if not pos_embed_temperature > 0:
@@ -506,11 +555,14 @@ class VisionTransformer(nn.Module):
         self.init_weights(weight_init)
 
     # -- init ------------------------------------------------------------------------------
+    @torch.no_grad()
     def init_weights(self, mode: str = "") -> None:
         """timm's default ('jax'-free) init: trunc-normal(0.02) Linear weights and pos_embed,
         zero biases, a tiny normal class token; conv and LayerNorm keep PyTorch's defaults.
         mode="mimetic": then each attention layer's query, key, value and output weights as
-        `mimetic_init_` sets them."""
+        `mimetic_init_` sets them. mode="impulse": each layer's queries and keys as `impulse_init_`
+        sets them, its heads on distinct random taps of a 3 x 3 kernel, and the patch embedding's
+        weights times IMPULSE_PATCH_EMBED_GAIN (once per call: call it on a fresh model)."""
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -525,6 +577,15 @@ class VisionTransformer(nn.Module):
         if mode == "mimetic":
             for blk in self.blocks:
                 mimetic_init_(blk.attn)
+        elif mode == "impulse":
+            # Each layer's heads take distinct taps of a 3 x 3 kernel, drawn at random (seeded).
+            taps = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+            for blk in self.blocks:
+                H = blk.attn.num_heads
+                order = torch.cat([torch.randperm(len(taps)) for _ in range(-(-H // len(taps)))])[:H]
+                offsets = [taps[i] for i in order.tolist()]
+                impulse_init_(blk.attn, offsets, self.config["pos_embed_temperature"])
+            self.patch_embed.proj.weight.mul_(IMPULSE_PATCH_EMBED_GAIN)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token"}
