@@ -245,6 +245,8 @@ def test_impulse_init_draws_distinct_taps_and_scales_only_the_patch_embedding():
         torch.testing.assert_close(blk.attn.proj.weight, ref.attn.proj.weight, atol=0, rtol=0)
         torch.testing.assert_close(blk.mlp.fc1.weight, ref.mlp.fc1.weight, atol=0, rtol=0)
     torch.testing.assert_close(m.patch_embed.proj.weight, IMPULSE_PATCH_EMBED_GAIN * plain.patch_embed.proj.weight)
+    with torch.device("meta"):  # as the FLOP counter builds it: shapes only, no error
+        assert VisionTransformer(**kw, weight_init="impulse").blocks[0].attn.qkv.weight.is_meta
     torch.manual_seed(0)
     again = VisionTransformer(**kw, weight_init="impulse")
     torch.testing.assert_close(again.blocks[2].attn.qkv.weight, m.blocks[2].attn.qkv.weight, atol=0, rtol=0)

@@ -234,16 +234,17 @@ def impulse_init_(attn: Attention, offsets: list[tuple[int, int]], temperature: 
     if len(offsets) != H:
         raise ValueError(f"impulse_init_ needs one offset per head ({H}), got {len(offsets)}")
     q4, n = C // 4, hd // 4  # channels per quarter (sin y, cos y, sin x, cos x); frequencies per head
-    omega = 1.0 / temperature ** (torch.arange(n, dtype=torch.float32) / q4)  # the n highest, as in sincos_pos_embed_2d
-    root = math.sqrt(scale)
     w = attn.qkv.weight  # (3C, C): rows [0:C] make queries, [C:2C] keys
+    idx = torch.arange(n, device=w.device)
+    omega = 1.0 / temperature ** (idx.float() / q4)  # the n highest frequencies, as in sincos_pos_embed_2d
+    root = math.sqrt(scale)
     w[: 2 * C].zero_()
     for h, (dy, dx) in enumerate(offsets):
         for axis, d in ((0, dy), (1, dx)):  # quarters 0, 1: sin y, cos y; 2, 3: sin x, cos x
-            sin_ch = torch.arange(n) + 2 * axis * q4  # the channel of sin(w t) for each frequency
+            sin_ch = idx + 2 * axis * q4  # the channel of sin(w t) for each frequency
             cos_ch = sin_ch + q4
             c, s = torch.cos(omega * d), torch.sin(omega * d)
-            rows_sin = h * hd + 2 * axis * n + torch.arange(n)  # this head's query / key rows for the pairs
+            rows_sin = h * hd + 2 * axis * n + idx  # this head's query / key rows for the pairs
             rows_cos = rows_sin + n
             # query (sin w(t+d), cos w(t+d)): the pair (sin wt, cos wt) rotated; key: the pair itself
             w[rows_sin, sin_ch], w[rows_sin, cos_ch] = root * c, root * s
@@ -563,6 +564,8 @@ class VisionTransformer(nn.Module):
         `mimetic_init_` sets them. mode="impulse": each layer's queries and keys as `impulse_init_`
         sets them, its heads on distinct random taps of a 3 x 3 kernel, and the patch embedding's
         weights times IMPULSE_PATCH_EMBED_GAIN (once per call: call it on a fresh model)."""
+        if self.patch_embed.proj.weight.is_meta:
+            return  # built on the meta device for its shapes only (the FLOP counter): no values, no RNG draws
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
