@@ -207,6 +207,11 @@ def mimetic_init_(
     attn.proj.weight.copy_(L)  # W_proj (C, C): W_proj @ W_v = a2 Z - b2 I
 
 
+def sincos_frequencies(dim: int, temperature: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """The dim/4 frequencies of `sincos_pos_embed_2d`, highest first: 1 down to ~1/temperature."""
+    return 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
+
+
 # weight_init="impulse": the patch embedding's initial weights are scaled by this, so that in the
 # first LayerNorm the sin-cos positions outweigh the pixels and the heads' positional pattern, not a
 # token's likeness to itself, sets where they attend (measured on training images: README).
@@ -236,7 +241,7 @@ def impulse_init_(attn: Attention, offsets: list[tuple[int, int]], temperature: 
     q4, n = C // 4, hd // 4  # channels per quarter (sin y, cos y, sin x, cos x); frequencies per head
     w = attn.qkv.weight  # (3C, C): rows [0:C] make queries, [C:2C] keys
     idx = torch.arange(n, device=w.device)
-    omega = 1.0 / temperature ** (idx.float() / q4)  # the n highest frequencies, as in sincos_pos_embed_2d
+    omega = sincos_frequencies(C, temperature, w.device)[:n]  # the n highest
     root = math.sqrt(scale)
     w[: 2 * C].zero_()
     for h, (dy, dx) in enumerate(offsets):
@@ -363,7 +368,7 @@ def sincos_pos_embed_2d(
     ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) * (bh / gh) - 0.5
     xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) * (bw / gw) - 0.5
     y, x = torch.meshgrid(ys, xs, indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))  # (dim/4,)
+    omega = sincos_frequencies(dim, temperature, device)  # (dim/4,)
     y = y.flatten()[:, None] * omega[None, :]  # (N, dim/4)
     x = x.flatten()[:, None] * omega[None, :]
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
