@@ -37,6 +37,7 @@ BAD = [
     ("optim.betas=[0.9,1.5]", "optim.betas=[0.9, 1.5]"),
     ("optim.warmup_epochs=-1", "optim.warmup_epochs=-1"),
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio=2"),
+    ("optim.lr_decay=step", "optim.lr_decay='step'"),
     ("optim.label_smoothing=1.0", "optim.label_smoothing=1.0"),
     ("trainer.max_epochs=0", "trainer.max_epochs=0"),
     ("trainer.max_steps=-5", "trainer.max_steps=-5"),

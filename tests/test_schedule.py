@@ -45,6 +45,20 @@ def test_lr_factor_warms_up_linearly_then_follows_a_half_cosine():
     assert lr_factor(0.5, 1.0, 0.0) == 0.5  # all warmup: never decays
 
 
+def test_lr_factor_linear_decay_falls_in_a_straight_line_after_the_same_warmup():
+    warmup, floor = 0.2, 0.1
+    assert lr_factor(0.1, warmup, floor, "linear") == pytest.approx(0.5)  # the warmup is shared
+    assert lr_factor(0.2, warmup, floor, "linear") == pytest.approx(1.0)
+    assert lr_factor(0.4, warmup, floor, "linear") == pytest.approx(floor + (1 - floor) * 0.75)
+    assert lr_factor(0.6, warmup, floor, "linear") == pytest.approx(floor + (1 - floor) * 0.5)
+    assert lr_factor(1.0, warmup, floor, "linear") == pytest.approx(floor)
+    # Below the cosine in the first half of the decay, above it in the second.
+    assert lr_factor(0.3, warmup, floor, "linear") < lr_factor(0.3, warmup, floor, "cosine")
+    assert lr_factor(0.9, warmup, floor, "linear") > lr_factor(0.9, warmup, floor, "cosine")
+    with pytest.raises(ConfigError, match="optim.lr_decay='step' is not one of"):
+        lr_factor(0.5, warmup, floor, "step")
+
+
 def test_img_size_at_follows_the_schedule():
     schedule = parse_img_size_schedule([[0.7, 32], [0, 16], [0.4, 24]])  # any order in the config
     assert schedule == [(0.0, 16), (0.4, 24), (0.7, 32)]

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vit.errors import ConfigError
-from vit.schedule import parse_img_size_schedule
+from vit.schedule import LR_DECAYS, parse_img_size_schedule
 
 # The Hydra configs: installed beside this module as vit/conf by a regular or wheel install; in an
 # editable install (or a checkout on PYTHONPATH), the repository's top-level conf/.
@@ -94,6 +94,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "optim.betas": _sequence(2, RATE),
     "optim.warmup_epochs": NON_NEGATIVE,
     "optim.min_lr_ratio": PROBABILITY,
+    "optim.lr_decay": (lambda v: v in LR_DECAYS, f"one of {list(LR_DECAYS)}"),
     "optim.label_smoothing": RATE,
     "optim.schedule_by_time": BOOL,
     "optim.scale_lr_with_world_size": BOOL,

@@ -38,6 +38,7 @@ class ViTClassifier(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.01,
+        lr_decay: str = "cosine",
         label_smoothing: float = 0.1,
         schedule_by_time: bool = False,
         scale_lr_with_world_size: bool = False,
@@ -170,7 +171,8 @@ class ViTClassifier(L.LightningModule):
         if rate is not None:
             self.net.patch_drop.prob = rate
         hp = self.hparams
-        factor = lr_factor(self.clock.fraction, self.clock.epochs_to_fraction(hp.warmup_epochs), hp.min_lr_ratio)
+        warmup = self.clock.epochs_to_fraction(hp.warmup_epochs)
+        factor = lr_factor(self.clock.fraction, warmup, hp.min_lr_ratio, hp.lr_decay)
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
                 # setdefault: optimizer states resumed from checkpoints of before the run clock lack it.

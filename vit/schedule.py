@@ -34,13 +34,20 @@ def run_fraction(step: int, total_steps: float, elapsed_s: float | None = None, 
     return min(1.0, max(0.0, done))
 
 
-def lr_factor(fraction: float, warmup: float, min_lr_ratio: float) -> float:
+LR_DECAYS = ("cosine", "linear")
+
+
+def lr_factor(fraction: float, warmup: float, min_lr_ratio: float, decay: str = "cosine") -> float:
     """Multiplier of the peak learning rate at `fraction` of the run: linear from 0 over the first
-    `warmup` of the run, then a half cosine down to `min_lr_ratio` at the end."""
+    `warmup` of the run, then down to `min_lr_ratio` at the end, along a half cosine (`decay`
+    "cosine") or a straight line ("linear", which spends more of the run at low rates)."""
+    if decay not in LR_DECAYS:
+        raise ConfigError(f"optim.lr_decay={decay!r} is not one of {list(LR_DECAYS)}")
     if fraction < warmup:
         return fraction / warmup
     progress = min(1.0, (fraction - warmup) / (1.0 - warmup)) if warmup < 1.0 else 1.0
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    remaining = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * remaining
 
 
 def parse_schedule(
