@@ -108,18 +108,19 @@ def _lrs(run_dir):
 
 
 @pytest.mark.slow
-def test_a_step_limit_without_epochs_warms_up_then_decays(folder_data, tmp_path):
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_a_step_limit_without_epochs_warms_up_then_decays(decay, folder_data, tmp_path):
     # Bug (a): with max_epochs=-1 the warmup was derived from max_epochs and spanned the whole run.
     # 90 training images at 16 a batch: 5 steps an epoch; warmup 0.4 epochs = 2 of the 20 steps.
     overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "test=false", *TINY_MODEL, *FAST]
     overrides += ["trainer.max_epochs=-1", "trainer.max_steps=20", "trainer.log_every_n_steps=1"]
-    overrides += ["optim.lr=1e-3", "optim.warmup_epochs=0.4", "optim.min_lr_ratio=0"]
+    overrides += ["optim.lr=1e-3", "optim.warmup_epochs=0.4", "optim.min_lr_ratio=0", f"optim.lr_decay={decay}"]
     train(compose_train(overrides, tmp_path))
     lrs = dict(_lrs(tmp_path))
     assert sorted(lrs) == list(range(20))
-    # The learning rate of step k is lr_factor(k / 20, 2 / 20, 0) x 1e-3, exactly as the unit test computes.
+    # The learning rate of step k is lr_factor(k / 20, 2 / 20, 0, decay) x 1e-3, exactly as the unit test computes.
     for step, lr in lrs.items():
-        assert lr == pytest.approx(1e-3 * lr_factor(step / 20, 0.1, 0.0), rel=1e-6, abs=1e-12), step
+        assert lr == pytest.approx(1e-3 * lr_factor(step / 20, 0.1, 0.0, decay), rel=1e-6, abs=1e-12), step
     assert lrs[2] == pytest.approx(1e-3) and lrs[19] < 0.01 * 1e-3
 
 
