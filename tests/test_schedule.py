@@ -121,7 +121,8 @@ def test_a_step_limit_without_epochs_warms_up_then_decays(decay, folder_data, tm
     # The learning rate of step k is lr_factor(k / 20, 2 / 20, 0, decay) x 1e-3, exactly as the unit test computes.
     for step, lr in lrs.items():
         assert lr == pytest.approx(1e-3 * lr_factor(step / 20, 0.1, 0.0, decay), rel=1e-6, abs=1e-12), step
-    assert lrs[2] == pytest.approx(1e-3) and lrs[19] < 0.01 * 1e-3
+    # Warm at step 2, and near the floor one step from the end (cosine: 0.8% of the peak, linear: 5.6%).
+    assert lrs[2] == pytest.approx(1e-3) and lrs[19] < 0.06 * 1e-3
 
 
 @pytest.mark.parametrize("devices, num_nodes, world", [(2, 1, 2), (2, 2, 4), (1, 1, 1)])
