@@ -40,7 +40,8 @@ LR_DECAYS = ("cosine", "linear")
 def lr_factor(fraction: float, warmup: float, min_lr_ratio: float, decay: str = "cosine") -> float:
     """Multiplier of the peak learning rate at `fraction` of the run: linear from 0 over the first
     `warmup` of the run, then down to `min_lr_ratio` at the end, along a half cosine (`decay`
-    "cosine") or a straight line ("linear", which spends more of the run at low rates)."""
+    "cosine") or a straight line ("linear": below the cosine in the first half of the decay, above
+    it in the second, so less of the run is spent near the floor)."""
     if decay not in LR_DECAYS:
         raise ConfigError(f"optim.lr_decay={decay!r} is not one of {list(LR_DECAYS)}")
     if fraction < warmup:
