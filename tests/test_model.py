@@ -13,6 +13,7 @@ from vit.model import (
     impulse_init_,
     resample_pos_embed,
     sincos_pos_embed_2d,
+    whiten_patch_embed_,
 )
 from vit.pretrained import load_timm_weights
 
@@ -511,3 +512,46 @@ def test_registers_sit_after_the_class_token_and_are_read_by_no_head():
     avg = VisionTransformer(**dict(TINY, reg_tokens=2, class_token=False, global_pool="avg")).eval()
     f = avg.forward_features(x)
     torch.testing.assert_close(avg.forward_head(f, pre_logits=True), avg.fc_norm(f[:, 2:].mean(1)))  # patches only
+
+
+def _smooth_images(n: int, size: int) -> torch.Tensor:
+    """Images whose neighbouring pixels are correlated, as in photographs: upsampled noise + a little noise."""
+    coarse = torch.nn.functional.interpolate(torch.randn(n, 3, size // 4, size // 4), size=size, mode="bilinear")
+    return 2.0 * coarse + 0.05 * torch.randn(n, 3, size, size)
+
+
+def test_whiten_patch_embed_gives_centred_tokens_of_equal_variance_in_every_patch_direction():
+    torch.manual_seed(0)
+    pe = PatchEmbed(16, 4, 3, 64, strict_img_size=False)
+    x = _smooth_images(400, 16)
+    cov = lambda t: torch.cov(t.reshape(-1, t.shape[-1]).double().T)  # noqa: E731  (D, D) over all tokens
+    with torch.no_grad():
+        before = pe(x)
+        whiten_patch_embed_(pe, x, eps=1e-6)
+        after = pe(x)
+    lam_before, lam_after = torch.linalg.eigvalsh(cov(before)), torch.linalg.eigvalsh(cov(after))
+    # 48 patch directions (3 x 4 x 4) into 64 channels: 48 equal variances, 16 channels' worth of nothing.
+    top = lam_after[-48:]
+    assert top.min() / top.max() > 0.99, top
+    assert lam_after[:16].abs().max() < 1e-6 * top.max()
+    assert lam_before[-48:].min() / lam_before[-48:].max() < 1e-3  # the smooth images were far from it
+    # The mean channel variance is kept, and the bias centres the tokens.
+    torch.testing.assert_close(cov(after).diagonal().mean(), cov(before).diagonal().mean(), rtol=1e-4, atol=0)
+    assert after.reshape(-1, 64).mean(0).abs().max() < 1e-4 * after.std()
+
+
+def test_whiten_patch_embed_eps_damps_the_directions_that_barely_vary_and_needs_room():
+    torch.manual_seed(0)
+    x = _smooth_images(400, 16)
+    spread = []
+    for eps in (1e-6, 1e-1):
+        pe = PatchEmbed(16, 4, 3, 48, strict_img_size=False)
+        with torch.no_grad():
+            whiten_patch_embed_(pe, x, eps=eps)
+            lam = torch.linalg.eigvalsh(torch.cov(pe(x).reshape(-1, 48).double().T))
+        spread.append((lam.max() / lam.min()).item())
+    assert spread[0] < 1.1 < 10 < spread[1]  # larger eps: the least varying directions stay small
+    with pytest.raises(ValueError, match="embed_dim >= in_chans"):
+        whiten_patch_embed_(PatchEmbed(16, 4, 3, 32, strict_img_size=False), x)
+    with pytest.raises(ValueError, match="more than 48 patches"):
+        whiten_patch_embed_(PatchEmbed(16, 4, 3, 64, strict_img_size=False), x[:2])

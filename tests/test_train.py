@@ -34,7 +34,7 @@ def _options(group: str) -> list[str]:
 def test_every_config_option_composes(override, tmp_path):
     cfg = compose_train([override, "data.root=/nonexistent"], tmp_path)
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
-    model_kw = {k: v for k, v in cfg.model.items() if k not in ("compile", "pretrained")}
+    model_kw = {k: v for k, v in cfg.model.items() if k not in ("compile", "pretrained", "whiten_patches")}
     net = VisionTransformer(**model_kw, img_size=cfg.data.img_size or 32, num_classes=10)
     assert net.config["embed_dim"] == cfg.model.embed_dim
 
@@ -214,6 +214,8 @@ def test_multirun_two_jobs(folder_data, tmp_path):
         (["model.num_heads=5"], "embed_dim 32 is not divisible by num_heads 5"),
         (["data.root=/does/not/exist"], "data.root=/does/not/exist does not exist"),
         (["data.val_size=100000"], "data.val_size=100000 must be in"),
+        (["model.whiten_patches=true"], "model.whiten_patches: whitening needs embed_dim >= in_chans * patch area (32 < 48)"),
+        (["model.whiten_patches=true", "model.pretrained=/w.pth"], "model.whiten_patches=true would overwrite"),
     ],
 )
 def test_bad_overrides_fail_before_training_with_one_message(folder_data, tmp_path, overrides, message):
@@ -358,3 +360,31 @@ def test_resume_accepts_a_checkpoint_from_before_dynamic_img_size(trained_run, t
     check_resumable(str(old), ViTClassifier(model=dict(config, dynamic_img_size=True)))  # a runtime switch
     with pytest.raises(CheckpointError, match="depth: checkpoint 2, now 3"):
         check_resumable(str(old), ViTClassifier(model=dict(config, depth=3)))
+
+
+def test_whiten_patches_starts_the_embedding_from_the_training_patches_and_not_on_resume(folder_data, tmp_path):
+    from vit.train import build_datamodule, build_module
+
+    def build(*extra):
+        cfg = compose_train(
+            ["data=folder", f"data.root={folder_data}", "data.img_size=16", *TINY_MODEL, "model.patch_size=2", *FAST, *extra],
+            tmp_path,
+        )
+        L.seed_everything(cfg.seed)
+        dm = build_datamodule(cfg)
+        return build_module(cfg, dm), dm
+
+    plain, dm = build()
+    white, _ = build("model.whiten_patches=true")
+    resumed, _ = build("model.whiten_patches=true", f"ckpt_path={tmp_path}/last.ckpt")
+    dm.setup("fit")
+    x = dm.pipeline.normalize(dm.train_set.images)
+
+    def spread(module):  # max / min variance of the tokens along the 12 patch directions (3 x 2 x 2)
+        with torch.no_grad():
+            t = module.net.patch_embed(x).reshape(-1, 32).double()
+        lam = torch.linalg.eigvalsh(torch.cov(t.T))[-12:]
+        return (lam.max() / lam.min()).item()
+
+    assert spread(white) < 0.2 * spread(plain)
+    torch.testing.assert_close(resumed.net.patch_embed.proj.weight, plain.net.patch_embed.proj.weight, atol=0, rtol=0)

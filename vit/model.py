@@ -29,6 +29,7 @@ __all__ = [
     "resample_pos_embed",
     "mimetic_init_",
     "impulse_init_",
+    "whiten_patch_embed_",
 ]
 
 GLOBAL_POOLS = ("token", "avg", "")
@@ -256,6 +257,46 @@ def impulse_init_(attn: Attention, offsets: list[tuple[int, int]], temperature: 
             w[rows_cos, sin_ch], w[rows_cos, cos_ch] = -root * s, root * c
             w[C + rows_sin, sin_ch] = root
             w[C + rows_cos, cos_ch] = root
+
+
+@torch.no_grad()
+def whiten_patch_embed_(patch_embed: PatchEmbed, images: torch.Tensor, eps: float = 1e-2) -> None:
+    """Data-dependent init: the patch embedding starts as a whitening of the image patches.
+
+    images: (N, C, H, W), as the first training steps see them (normalized, at their size).
+    With the patches' covariance V diag(lam) V^T (C*p*p directions), the weight becomes
+    s * R diag(lam + eps * mean(lam))^-1/2 V^T, R a random (D, C*p*p) matrix with orthonormal
+    columns (needs D >= C*p*p): the tokens of these images have one and the same variance, s^2, along
+    each direction the patches vary in, instead of the few smooth directions of natural images
+    dominating (airbench's whitened first layer, for a linear patch embedding). eps damps the
+    directions that barely vary (pixel noise, JPEG). s keeps the mean per-channel token variance that
+    the embedding had before; the bias centres the tokens. Draws R from torch's global RNG.
+    """
+    w = patch_embed.proj.weight  # (D, C, p, p)
+    D, k = w.shape[0], w[0].numel()
+    if D < k:
+        raise ValueError(f"whitening needs embed_dim >= in_chans * patch area ({D} < {k})")
+    ph, pw = patch_embed.patch_size
+    x = images.to(w.dtype)
+    # (N, C*p*p, L) -> (N*L, C*p*p): every patch as a row, channel-major like the conv kernel.
+    patches = F.unfold(x, (ph, pw), stride=(ph, pw)).transpose(1, 2).reshape(-1, k).double()
+    if patches.shape[0] <= k:
+        raise ValueError(f"whitening needs more than {k} patches, got {patches.shape[0]}")
+    mean = patches.mean(0)
+    centred = patches - mean
+    cov = centred.T @ centred / (patches.shape[0] - 1)
+    lam, V = torch.linalg.eigh(cov)  # ascending eigenvalues, orthonormal eigenvectors (columns)
+    lam = lam.clamp_min(0)
+    white = (lam + eps * lam.mean()).rsqrt()[:, None] * V.T  # (k, k): patch -> whitened coordinates
+    R, _ = torch.linalg.qr(torch.randn(D, k, dtype=torch.float64))  # (D, k), orthonormal columns
+    old = w.reshape(D, k).double()
+    before = torch.einsum("dk,kl,dl->d", old, cov, old).mean()  # mean channel variance of the tokens now
+    new = R @ white
+    after = torch.einsum("dk,kl,dl->d", new, cov, new).mean()
+    new = new * (before / after).sqrt()
+    w.copy_(new.reshape(w.shape).to(w.dtype))
+    if patch_embed.proj.bias is not None:
+        patch_embed.proj.bias.copy_((-(new @ mean)).to(w.dtype))
 
 
 class Mlp(nn.Module):

@@ -15,6 +15,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger
@@ -26,7 +27,7 @@ from vit.cli import hydra_cli
 from vit.config import check_train_config, print_config_tree
 from vit.data import ImageDataModule
 from vit.errors import CheckpointError, ConfigError, VitError
-from vit.model import VisionTransformer
+from vit.model import VisionTransformer, whiten_patch_embed_
 from vit.module import ViTClassifier
 from vit.pretrained import load_timm_weights
 
@@ -53,6 +54,9 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
     """The LightningModule, its network sized for the data (image size, classes)."""
     model_kw: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
     compile_, pretrained = model_kw.pop("compile", False), model_kw.pop("pretrained", None)
+    whiten = model_kw.pop("whiten_patches", False)
+    if whiten and pretrained:
+        raise ConfigError("model.whiten_patches=true would overwrite the pretrained patch embedding; set one of the two")
     h, w = dm.img_size
     model_kw.update(img_size=h if h == w else [h, w], num_classes=dm.num_classes)
     optim: dict[str, Any] = OmegaConf.to_container(cfg.optim, resolve=True)  # type: ignore[assignment]
@@ -63,7 +67,24 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
     if pretrained:
         load_timm_weights(module.net, os.path.expanduser(pretrained))
         log.info("started from timm weights %s", pretrained)
+    if whiten and not cfg.get("ckpt_path"):  # a resumed run loads its trained weights instead
+        whiten_from_data(module.net, dm)
     return module
+
+
+def whiten_from_data(net: VisionTransformer, dm: ImageDataModule, num_images: int = 5000) -> None:
+    """model.whiten_patches: the patch embedding starts as a whitening of the patches of up to
+    `num_images` training images, drawn with the run's seed and passed through the training
+    pipeline as the first steps see them (augmented, resized to the first scheduled size)."""
+    dm.setup("fit")  # loads the training images once; Lightning's own call later finds them loaded
+    images, labels = dm.train_set.images, dm.train_set.labels
+    idx = torch.randperm(len(labels))[:num_images]
+    x, _ = dm.pipeline.train(images[idx], labels[idx], fraction=0.0)
+    try:
+        whiten_patch_embed_(net.patch_embed, x)
+    except ValueError as e:
+        raise ConfigError(f"model.whiten_patches: {e}") from e
+    log.info("patch embedding whitened on %d training images at %dx%d", len(idx), *x.shape[-2:])
 
 
 def check_resumable(ckpt_path: str, module: ViTClassifier) -> None:
