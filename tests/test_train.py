@@ -111,7 +111,7 @@ def test_the_newcomers_first_command_is_the_cpu_preset_on_torchvision_cifar10(tm
     assert OmegaConf.missing_keys({k: cfg[k] for k in cfg if k != "hydra"}) == set()
     assert (cfg.data.name, cfg.data.root, cfg.data.download) == ("cifar10", "data/cifar10", True)
     assert cfg.test and cfg.test_tta and cfg.trainer.max_time == "00:00:30:00"
-    assert cfg.model.weight_init == "mimetic"  # measured better in 30 minutes (README)
+    assert cfg.model.weight_init == "mimetic" and cfg.model.whiten_patches  # measured better in 30 minutes (README)
     readme = (REPO / "README.md").read_text()
     assert "&& vit-train experiment=cpu_30min\n" in readme
 
