@@ -275,6 +275,7 @@ def variant_comparison(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
     from vit.config import CONFIG_DIR
+    from vit.train import MODEL_RUN_OPTIONS
 
     changes: dict = {}
     for item in args.variant:
@@ -291,7 +292,7 @@ def variant_comparison(args: argparse.Namespace) -> dict:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={args.experiment}", *args.override])
     base = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in ("compile", "pretrained", "whiten_patches"):  # vit-train's options, not the network's keywords
+    for key in MODEL_RUN_OPTIONS:  # vit-train's options, not the network's keywords
         base.pop(key, None)
     base["num_classes"] = 10
 

@@ -225,7 +225,9 @@ def test_impulse_init_points_each_head_at_its_offset_on_any_grid(temperature, gr
 
 
 def test_impulse_init_draws_distinct_taps_and_scales_only_the_patch_embedding():
-    kw = dict(TINY, embed_dim=64, depth=3, class_token=False, global_pool="avg", pos_embed="sincos", dynamic_img_size=True)
+    kw = dict(
+        TINY, embed_dim=64, depth=3, class_token=False, global_pool="avg", pos_embed="sincos", dynamic_img_size=True
+    )
     torch.manual_seed(0)
     plain = VisionTransformer(**kw)
     torch.manual_seed(0)
@@ -372,7 +374,10 @@ def test_load_timm_weights_rejects_mismatched_model(tmp_path):
         (dict(TINY, drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\)"),
         (dict(TINY, weight_init="jax"), r"weight_init must be one of \('', 'mimetic', 'impulse'\), got 'jax'"),
         (dict(TINY, weight_init="impulse"), "derived from sin-cos positions: set pos_embed='sincos', not 'learn'"),
-        (dict(TINY, embed_dim=24, num_heads=4, pos_embed="sincos", weight_init="impulse"), "head_dim divisible by 4, got 24 and 6"),
+        (
+            dict(TINY, embed_dim=24, num_heads=4, pos_embed="sincos", weight_init="impulse"),
+            "head_dim divisible by 4, got 24 and 6",
+        ),
     ],
 )
 def test_bad_config_raises_value_error(kw, match):

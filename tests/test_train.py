@@ -17,7 +17,7 @@ from vit.checkpoint import CheckpointError, load_checkpoint, load_model
 from vit.config import CONFIG_DIR
 from vit.data import ImageDataModule
 from vit.model import VisionTransformer
-from vit.train import train
+from vit.train import MODEL_RUN_OPTIONS, train
 
 CONF = Path(CONFIG_DIR)
 
@@ -34,7 +34,7 @@ def _options(group: str) -> list[str]:
 def test_every_config_option_composes(override, tmp_path):
     cfg = compose_train([override, "data.root=/nonexistent"], tmp_path)
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
-    model_kw = {k: v for k, v in cfg.model.items() if k not in ("compile", "pretrained", "whiten_patches")}
+    model_kw = {k: v for k, v in cfg.model.items() if k not in MODEL_RUN_OPTIONS}
     net = VisionTransformer(**model_kw, img_size=cfg.data.img_size or 32, num_classes=10)
     assert net.config["embed_dim"] == cfg.model.embed_dim
 
@@ -214,7 +214,10 @@ def test_multirun_two_jobs(folder_data, tmp_path):
         (["model.num_heads=5"], "embed_dim 32 is not divisible by num_heads 5"),
         (["data.root=/does/not/exist"], "data.root=/does/not/exist does not exist"),
         (["data.val_size=100000"], "data.val_size=100000 must be in"),
-        (["model.whiten_patches=true"], "model.whiten_patches: whitening needs embed_dim >= in_chans * patch area (32 < 48)"),
+        (
+            ["model.whiten_patches=true"],
+            "model.whiten_patches: whitening needs embed_dim >= in_chans * patch area (32 < 48)",
+        ),
         (["model.whiten_patches=true", "model.pretrained=/w.pth"], "model.whiten_patches=true would overwrite"),
     ],
 )
@@ -367,7 +370,15 @@ def test_whiten_patches_starts_the_embedding_from_the_training_patches_and_not_o
 
     def build(*extra):
         cfg = compose_train(
-            ["data=folder", f"data.root={folder_data}", "data.img_size=16", *TINY_MODEL, "model.patch_size=2", *FAST, *extra],
+            [
+                "data=folder",
+                f"data.root={folder_data}",
+                "data.img_size=16",
+                *TINY_MODEL,
+                "model.patch_size=2",
+                *FAST,
+                *extra,
+            ],
             tmp_path,
         )
         L.seed_everything(cfg.seed)

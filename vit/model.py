@@ -184,9 +184,7 @@ def _noisy_identity_factors(dim: int, alpha: float, beta: float) -> tuple[torch.
 
 
 @torch.no_grad()
-def mimetic_init_(
-    attn: Attention, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)
-) -> None:
+def mimetic_init_(attn: Attention, qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> None:
     """Mimetic initialization (Trockman & Kolter, ICML 2023) of one attention layer, in place.
 
     Trained ViTs' heads have W_q^T W_k close to a positive multiple of the identity (a token
@@ -208,7 +206,9 @@ def mimetic_init_(
     attn.proj.weight.copy_(L)  # W_proj (C, C): W_proj @ W_v = a2 Z - b2 I
 
 
-def sincos_frequencies(dim: int, temperature: float = 10000.0, device: torch.device | str | None = None) -> torch.Tensor:
+def sincos_frequencies(
+    dim: int, temperature: float = 10000.0, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The dim/4 frequencies of `sincos_pos_embed_2d`, highest first: 1 down to ~1/temperature."""
     return 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
 
@@ -220,7 +220,9 @@ IMPULSE_PATCH_EMBED_GAIN = 0.3
 
 
 @torch.no_grad()
-def impulse_init_(attn: Attention, offsets: list[tuple[int, int]], temperature: float = 10000.0, scale: float = 8.0) -> None:
+def impulse_init_(
+    attn: Attention, offsets: list[tuple[int, int]], temperature: float = 10000.0, scale: float = 8.0
+) -> None:
     """Impulse initialization of one attention layer's queries and keys, in place, for sin-cos
     positions: head h starts attending from each patch to the patch `offsets[h]` = (dy, dx) away,
     one tap of a convolution (Zheng et al. 2024, "Structured initialization for attention in
@@ -524,7 +526,9 @@ class VisionTransformer(nn.Module):
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {WEIGHT_INITS}, got {weight_init!r}")
         if weight_init == "impulse" and pos_embed != "sincos":
-            raise ValueError(f"weight_init='impulse' is derived from sin-cos positions: set pos_embed='sincos', not {pos_embed!r}")
+            raise ValueError(
+                f"weight_init='impulse' is derived from sin-cos positions: set pos_embed='sincos', not {pos_embed!r}"
+            )
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if not pos_embed_temperature > 0:

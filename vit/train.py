@@ -33,6 +33,9 @@ from vit.pretrained import load_timm_weights
 
 log = logging.getLogger("vit")
 
+# The model group's keys that are vit-train's options (build_module), not VisionTransformer keywords.
+MODEL_RUN_OPTIONS = ("compile", "pretrained", "whiten_patches")
+
 
 def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
     """hydra.utils.instantiate, with our own errors (and the libraries' complaints about a bad
@@ -53,10 +56,13 @@ def build_datamodule(cfg: DictConfig) -> ImageDataModule:
 def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
     """The LightningModule, its network sized for the data (image size, classes)."""
     model_kw: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
+    # MODEL_RUN_OPTIONS: how vit-train builds and starts the network, not the network's keywords.
     compile_, pretrained = model_kw.pop("compile", False), model_kw.pop("pretrained", None)
     whiten = model_kw.pop("whiten_patches", False)
     if whiten and pretrained:
-        raise ConfigError("model.whiten_patches=true would overwrite the pretrained patch embedding; set one of the two")
+        raise ConfigError(
+            "model.whiten_patches=true would overwrite the pretrained patch embedding; set one of the two"
+        )
     h, w = dm.img_size
     model_kw.update(img_size=h if h == w else [h, w], num_classes=dm.num_classes)
     optim: dict[str, Any] = OmegaConf.to_container(cfg.optim, resolve=True)  # type: ignore[assignment]
