@@ -284,9 +284,7 @@ def whiten_patch_embed_(patch_embed: PatchEmbed, images: torch.Tensor, eps: floa
     patches = F.unfold(x, (ph, pw), stride=(ph, pw)).transpose(1, 2).reshape(-1, k).double()
     if patches.shape[0] <= k:
         raise ValueError(f"whitening needs more than {k} patches, got {patches.shape[0]}")
-    mean = patches.mean(0)
-    centred = patches - mean
-    cov = centred.T @ centred / (patches.shape[0] - 1)
+    mean, cov = patches.mean(0), torch.cov(patches.T)  # (k,), (k, k)
     lam, V = torch.linalg.eigh(cov)  # ascending eigenvalues, orthonormal eigenvectors (columns)
     lam = lam.clamp_min(0)
     white = (lam + eps * lam.mean()).rsqrt()[:, None] * V.T  # (k, k): patch -> whitened coordinates
