@@ -89,7 +89,10 @@ def compose_train(overrides: list[str], output_dir: Path, config_name: str = "tr
 
 
 def cli_env() -> dict[str, str]:
+    """The environment for a CLI subprocess: this interpreter's bin/ first on PATH, so the console
+    scripts (vit-predict, ...) are the installed ones even when the venv is not activated."""
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     env.pop("HYDRA_FULL_ERROR", None)
     env["PYTHONWARNINGS"] = "ignore"
     return env
