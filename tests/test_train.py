@@ -210,6 +210,11 @@ def test_multirun_two_jobs(folder_data, tmp_path):
     assert depths == [1, 2]
 
 
+def _narrow_run(folder_data) -> list[str]:
+    """A 32-wide model on the generated folder data: the base of the bad-override cases below."""
+    return ["data=folder", f"data.root={folder_data}", "model.embed_dim=32", "model.num_heads=2", *FAST]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -225,15 +230,13 @@ def test_multirun_two_jobs(folder_data, tmp_path):
 )
 def test_bad_overrides_fail_before_training(folder_data, tmp_path, overrides, message):
     # In-process (a subprocess costs seconds of imports); the CLI's one-line form is the next test.
-    args = ["data=folder", f"data.root={folder_data}", "model.embed_dim=32", "model.num_heads=2", *FAST, *overrides]
     with pytest.raises(VitError, match=re.escape(message)):
-        train(compose_train([*args, "print_config=false"], tmp_path))
+        train(compose_train([*_narrow_run(folder_data), *overrides, "print_config=false"], tmp_path))
     assert not (tmp_path / "checkpoints").exists()  # nothing was trained
 
 
 def test_a_bad_override_is_one_line_from_the_cli_and_nothing_is_trained(folder_data, tmp_path):
-    args = ["data=folder", f"data.root={folder_data}", "model.embed_dim=32", "model.num_heads=2", *FAST]
-    r = run_module("vit.train", [*args, "model.whiten_patches=true"], tmp_path)
+    r = run_module("vit.train", [*_narrow_run(folder_data), "model.whiten_patches=true"], tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "error: model.whiten_patches: whitening needs embed_dim >= in_chans * patch area (32 < 48)" in r.stderr
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
