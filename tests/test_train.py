@@ -115,6 +115,7 @@ def test_the_newcomers_first_command_is_the_cpu_preset_on_torchvision_cifar10(tm
     assert cfg.test and cfg.test_tta and cfg.trainer.max_time == "00:00:30:00"
     assert cfg.model.weight_init == "mimetic" and cfg.model.whiten_patches  # measured better in 30 minutes (README)
     assert cfg.model.mlp_ratio == 2.0  # more steps in the 30 minutes than ratio 4 or 3, measured better (README)
+    assert cfg.trainer.max_epochs == 100  # the 30 minutes, not an epoch bound, lead the schedules (README)
     readme = (REPO / "README.md").read_text()
     assert "&& vit-train experiment=cpu_30min\n" in readme
 
