@@ -11,7 +11,8 @@ included); runs from before that key existed get an estimate, marked "est." in t
 excluded) at the validation's step, mapped linearly between anchors of known wall time: the start,
 each image-size change of a run whose schedules followed the clock (at its fraction of the budget),
 and the end of the fit. `--csv LABEL=FILE`: scripts/timm_baseline.py's
-output (epochs, step, minutes, val_acc). Prints each curve's points with their step counts.
+output (epochs, step, minutes, val_acc). Each curve's legend gives its best accuracy and its last
+point's step count and minutes; the script prints every point with its step count.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ def _label_path(value: str) -> tuple[str, Path]:
 
 def run_curve(run_dir: Path, fit_minutes: float) -> tuple[list[tuple[float, float, int]], bool]:
     """[(minutes, val acc, step)] of a vit-train run; True when the minutes are estimated."""
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    metrics = run_dir / "csv" / "metrics.csv"
+    if not metrics.is_file():
+        raise SystemExit(f"error: {metrics} not found: --run takes a vit-train run directory")
+    rows = list(csv.DictReader(open(metrics)))
     val = [(int(r["step"]), float(r["val/acc"])) for r in rows if r.get("val/acc")]
+    if not val:
+        raise SystemExit(f"error: {metrics} has no val/acc: the run never validated")
     minutes = [float(r["time/minutes"]) for r in rows if r.get("time/minutes")]
     if minutes and len(minutes) == len(val):
         return [(m, a, s) for m, (s, a) in zip(minutes, val)], False
@@ -83,21 +89,25 @@ def main() -> None:
     if not args.run and not args.csv:
         raise SystemExit("error: give at least one --run LABEL=DIR or --csv LABEL=FILE")
     fig, ax = plt.subplots(figsize=(6.4, 4))
+
+    def draw(label: str, points: list[tuple[float, float, int]], style: str) -> None:
+        # The legend carries each run's step count beside its minutes: machines' speeds drift.
+        best = max(a for _, a, _ in points)
+        legend = f"{label}: {best:.2%}, {points[-1][2]:,} steps in {points[-1][0]:.0f} min"
+        ax.plot([m for m, _, _ in points], [a for _, a, _ in points], style, ms=3, label=legend)
+        print(label, " ".join(f"{m:.1f}min/{s}:{a:.2%}" for m, a, s in points))
+
     for label, run_dir in args.run:
         points, estimated = run_curve(run_dir, args.fit_minutes)
-        label = f"{label} (minutes est.)" if estimated else label
-        ax.plot([m for m, _, _ in points], [a for _, a, _ in points], "o-", ms=3, label=label)
-        print(label, " ".join(f"{m:.1f}min/{s}:{a:.2%}" for m, a, s in points))
+        draw(f"{label} (minutes est.)" if estimated else label, points, "o-")
     for label, path in args.csv:
         rows = list(csv.DictReader(open(path)))
-        points = [(float(r["minutes"]), float(r["val_acc"]), int(r["step"])) for r in rows]
-        ax.plot([m for m, _, _ in points], [a for _, a, _ in points], "s--", ms=4, label=label)
-        print(label, " ".join(f"{m:.1f}min/{s}:{a:.2%}" for m, a, s in points))
+        draw(label, [(float(r["minutes"]), float(r["val_acc"]), int(r["step"])) for r in rows], "s--")
     ax.set_xlabel("wall-clock minutes (training + validation)")
     ax.set_ylabel("validation accuracy (5,000 images)")
     ax.set_title(args.title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: no curve hidden
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, args.output, dpi=100)
     print(args.output)

@@ -106,3 +106,41 @@ def test_variant_mode_refuses_what_is_not_a_model_keyword(monkeypatch, capsys):
         monkeypatch.setattr(sys, "argv", ["benchmark.py", "--variant", variant, "--json", "unused.json"])
         with pytest.raises(SystemExit, match=message):
             benchmark.main()
+
+
+def _plot(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/plot_time_to_accuracy.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cli_env(),
+    )
+
+
+def test_time_to_accuracy_plot_draws_runs_and_the_timm_loop_with_their_steps(tmp_path):
+    run = tmp_path / "run" / "csv"
+    run.mkdir(parents=True)
+    # vit-train's CSV logger: validation and time/minutes on their own rows, at the same steps.
+    run.joinpath("metrics.csv").write_text(
+        "step,val/acc,time/minutes,train/loss_step\n10,,,2.1\n99,0.40,,\n99,,1.5,\n199,0.55,,\n199,,3.0,\n"
+    )
+    timm = tmp_path / "timm.csv"
+    timm.write_text("epochs,step,minutes,val_acc\n1.0,351,6.4,0.3576\n1.5,520,9.0,0.41\n")
+    out = tmp_path / "fig.png"
+    proc = _plot([str(out), "--run", f"ours={tmp_path / 'run'}", "--csv", f"timm={timm}"])
+    assert proc.returncode == 0, proc.stderr
+    assert "ours 1.5min/99:40.00% 3.0min/199:55.00%" in proc.stdout
+    assert "timm 6.4min/351:35.76% 9.0min/520:41.00%" in proc.stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_to_accuracy_plot_refuses_a_run_without_validation(tmp_path):
+    (tmp_path / "run" / "csv").mkdir(parents=True)
+    (tmp_path / "run" / "csv" / "metrics.csv").write_text("step,train/loss_step\n10,2.1\n")
+    proc = _plot([str(tmp_path / "fig.png"), "--run", f"ours={tmp_path / 'run'}"])
+    assert proc.returncode != 0 and "has no val/acc" in proc.stderr
+    assert not (tmp_path / "fig.png").exists()
+    proc = _plot([str(tmp_path / "fig.png"), "--run", f"ours={tmp_path / 'nothing'}"])
+    assert proc.returncode != 0 and "not found" in proc.stderr
