@@ -10,15 +10,19 @@ import pytest
 from tests.conftest import REPO, cli_env
 
 
-def _benchmark(args: list[str]) -> subprocess.CompletedProcess:
+def _script(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "scripts/benchmark.py", *args],
+        [sys.executable, f"scripts/{script}", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         env=cli_env(),
     )
+
+
+def _benchmark(args: list[str]) -> subprocess.CompletedProcess:
+    return _script("benchmark.py", args)
 
 
 def test_benchmark_runs_and_counts_fewer_flops_for_our_class_token_forward(tmp_path):
@@ -109,14 +113,7 @@ def test_variant_mode_refuses_what_is_not_a_model_keyword(monkeypatch, capsys):
 
 
 def _plot(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "scripts/plot_time_to_accuracy.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=cli_env(),
-    )
+    return _script("plot_time_to_accuracy.py", args, timeout=120)
 
 
 def test_time_to_accuracy_plot_draws_runs_and_the_timm_loop_with_their_steps(tmp_path):
