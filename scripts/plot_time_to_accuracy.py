@@ -101,7 +101,11 @@ def main() -> None:
         points, estimated = run_curve(run_dir, args.fit_minutes)
         draw(f"{label} (minutes est.)" if estimated else label, points, "o-")
     for label, path in args.csv:
+        if not path.is_file():
+            raise SystemExit(f"error: {path} not found: --csv takes scripts/timm_baseline.py's output")
         rows = list(csv.DictReader(open(path)))
+        if not rows:
+            raise SystemExit(f"error: {path} has no evaluations")
         draw(label, [(float(r["minutes"]), float(r["val_acc"]), int(r["step"])) for r in rows], "s--")
     ax.set_xlabel("wall-clock minutes (training + validation)")
     ax.set_ylabel("validation accuracy (5,000 images)")

@@ -133,7 +133,7 @@ def test_time_to_accuracy_plot_draws_runs_and_the_timm_loop_with_their_steps(tmp
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_time_to_accuracy_plot_refuses_a_run_without_validation(tmp_path):
+def test_time_to_accuracy_plot_refuses_a_run_or_csv_without_validation(tmp_path):
     (tmp_path / "run" / "csv").mkdir(parents=True)
     (tmp_path / "run" / "csv" / "metrics.csv").write_text("step,train/loss_step\n10,2.1\n")
     proc = _plot([str(tmp_path / "fig.png"), "--run", f"ours={tmp_path / 'run'}"])
@@ -141,3 +141,7 @@ def test_time_to_accuracy_plot_refuses_a_run_without_validation(tmp_path):
     assert not (tmp_path / "fig.png").exists()
     proc = _plot([str(tmp_path / "fig.png"), "--run", f"ours={tmp_path / 'nothing'}"])
     assert proc.returncode != 0 and "not found" in proc.stderr
+    (tmp_path / "timm.csv").write_text("epochs,step,minutes,val_acc\n")
+    proc = _plot([str(tmp_path / "fig.png"), "--csv", f"timm={tmp_path / 'timm.csv'}"])
+    assert proc.returncode != 0 and "has no evaluations" in proc.stderr
+    assert not (tmp_path / "fig.png").exists()
