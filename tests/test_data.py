@@ -11,6 +11,7 @@ from torchvision.transforms import v2
 from tests.conftest import write_cifar_pickles, write_folder
 from vit.data import (
     Augment,
+    BatchPipeline,
     DataError,
     ImageDataModule,
     build_batch_mix,
@@ -134,6 +135,22 @@ def test_on_batch_moves_crop_and_flip_from_the_loader_to_training_batches(folder
     std, mean = torch.tensor(dm.std).view(3, 1, 1), torch.tensor(dm.mean).view(3, 1, 1)
     uint8 = ((out * std + mean) * 255).round().to(torch.uint8)
     assert all(_window(padded[b], uint8[b], 4) is not None for b in range(len(images)))
+
+
+def test_scheduled_resize_equals_normalizing_then_resizing():
+    # The pipeline resizes before it normalizes (cheaper at small sizes); both are linear per
+    # channel, so the batch is the one that normalizing the full-size images first would give.
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    pipeline = BatchPipeline(mean, std, img_size_schedule=[(0, 16), (0.5, 32)])
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    small, _ = pipeline.train(images, torch.zeros(4, dtype=torch.long), fraction=0.2)
+    expected = torch.nn.functional.interpolate(
+        pipeline.normalize(images), size=(16, 16), mode="bilinear", antialias=True, align_corners=False
+    )
+    assert small.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(small, expected, atol=1e-5, rtol=0)
+    full, _ = pipeline.train(images, torch.zeros(4, dtype=torch.long), fraction=0.7)
+    assert torch.equal(full, pipeline.normalize(images))
 
 
 def test_batch_mix_gives_soft_targets_that_sum_to_one():
