@@ -112,6 +112,15 @@ def test_variant_mode_refuses_what_is_not_a_model_keyword(monkeypatch, capsys):
             benchmark.main()
 
 
+def test_data_pipeline_rate_runs_past_the_end_of_an_epoch():
+    # A GPU run at batch 1024 asked for 100 batches of 45,000 images and stopped with StopIteration:
+    # here 5 batches of 8 from 20 images need three epochs.
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    assert benchmark.data_pipeline_rate(None, batch_size=8, num_workers=0, batches=5, num_images=20) > 0
+
+
 def _plot(args: list[str]) -> subprocess.CompletedProcess:
     return _script("plot_time_to_accuracy.py", args, timeout=120)
 
