@@ -10,6 +10,7 @@ Both models are built with the same keywords and weights, then measured interlea
     python scripts/benchmark.py --data-root $HOME/data/cifar10-jpeg   # data pipeline on real images
     python scripts/benchmark.py --loop --data-root $HOME/data/cifar10-jpeg --img-size-at 16
     python scripts/benchmark.py --variant num_heads=8 --img-size-at 32 --steps 8 --rounds 5
+    python scripts/benchmark.py --loader --experiment cifar10_best --data-root $HOME/data/cifar10-jpeg --loader-workers 8,16
 
 Prints a markdown table and writes JSON (--json).
 
@@ -17,6 +18,10 @@ Prints a markdown table and writes JSON (--json).
 with the experiment's callbacks, metrics and logging, as `vit-train experiment=cpu_30min` builds
 it) against a bare PyTorch step over the same model, optimizer, loader and batch pipeline, at one
 training size, interleaved; the ratio is the share of the bare loop's speed that vit-train keeps.
+
+`--loader` times the experiment's training loader alone (workers, per-image augmentation,
+collation), for each of `--loader-workers`: set beside the model's training speed, it says whether
+the loader or the model bounds a run.
 
 `--variant KEY=VALUE` times a bare training step of the experiment's model (cpu_30min's by default)
 against the same model with those keywords changed (`patch_drop_rate=0.5`, `num_heads=8`,
@@ -153,6 +158,12 @@ def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> f
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def epochs(dm: ImageDataModule) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training loader's batches, epoch after epoch, as training would draw them."""
+    while True:
+        yield from dm.train_dataloader()
+
+
 def data_pipeline_rate(
     root: str | None, batch_size: int, num_workers: int, batches: int, num_images: int = 45000
 ) -> float:
@@ -170,12 +181,7 @@ def data_pipeline_rate(
         dm.train_set = TensorImageDataset(images, torch.randint(0, 10, (num_images,)), transform)
         dm.pipeline = BatchPipeline(mean=[0.5] * 3, std=[0.25] * 3)
     dm.setup("fit")
-
-    def epochs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield from dm.train_dataloader()
-
-    loader = epochs()
+    loader = epochs(dm)
     next(loader)
     t = time.perf_counter()
     n = 0
@@ -275,6 +281,36 @@ def loop_comparison(args: argparse.Namespace) -> dict:
     return result
 
 
+def loader_rates(args: argparse.Namespace) -> dict:
+    """Images/second that the experiment's training loader delivers alone (its workers' per-image
+    augmentation and collation, as vit-train builds it), for each worker count in --loader-workers.
+    Beside the model's training speed it says which of the two bounds a run."""
+    from hydra import compose, initialize_config_dir
+
+    from vit.config import CONFIG_DIR
+    from vit.train import build_datamodule
+
+    rates, bs = {}, None
+    for workers in args.loader_workers or [None]:
+        overrides = [f"experiment={args.experiment}", "data=folder", f"data.root={args.data_root}", *args.override]
+        if workers is not None:
+            overrides.append(f"data.num_workers={workers}")
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        dm = build_datamodule(cfg)
+        dm.prepare_data()
+        dm.setup("fit")
+        batches = epochs(dm)
+        for _ in range(args.loop_skip):  # the workers start and fill their queues
+            next(batches)
+        t, n = time.perf_counter(), 0
+        for _ in range(args.loop_steps):
+            n += len(next(batches)[0])
+        rates[str(cfg.data.num_workers)] = n / (time.perf_counter() - t)
+        bs = cfg.data.batch_size
+    return {"experiment": args.experiment, "batch_size": bs, "batches": args.loop_steps, "img_s_by_workers": rates}
+
+
 def variant_comparison(args: argparse.Namespace) -> dict:
     """Our model as --experiment builds it against the same model with --variant keywords changed:
     a bare training step of each (AdamW, a batch of random images at --img-size-at px), interleaved.
@@ -350,15 +386,31 @@ def main() -> None:
     p.add_argument("--json", default="benchmark.json")
     p.add_argument("--loop", action="store_true", help="vit-train's step against a bare loop (needs --data-root)")
     p.add_argument(
+        "--loader",
+        action="store_true",
+        help="the experiment's training loader alone, in img/s (needs --data-root); --loop-steps batches",
+    )
+    p.add_argument(
+        "--loader-workers",
+        type=lambda v: [int(w) for w in v.split(",")],
+        default=None,
+        help="--loader: worker counts to time, e.g. 8,16 (default: the experiment's data.num_workers)",
+    )
+    p.add_argument(
         "--experiment",
         default="cpu_30min",
-        help="--loop, --variant: the experiment whose training or model is measured",
+        help="--loop, --loader, --variant: the experiment whose training, loader or model is measured",
     )
     p.add_argument("--img-size-at", type=int, default=16, help="--loop, --variant: the training size (px)")
-    p.add_argument("--loop-steps", type=int, default=100, help="--loop: timed steps per round")
-    p.add_argument("--loop-skip", type=int, default=10, help="--loop: warm-up steps per round, not timed")
+    p.add_argument("--loop-steps", type=int, default=100, help="--loop: timed steps per round; --loader: timed batches")
     p.add_argument(
-        "--override", action="append", default=[], help="--loop, --variant: a vit-train override (repeatable)"
+        "--loop-skip",
+        type=int,
+        default=10,
+        help="--loop: warm-up steps per round, --loader: warm-up batches, not timed",
+    )
+    p.add_argument(
+        "--override", action="append", default=[], help="--loop, --loader, --variant: a vit-train override (repeatable)"
     )
     p.add_argument(
         "--variant",
@@ -369,6 +421,17 @@ def main() -> None:
     for k, v in DEFAULT.items():
         p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     args = p.parse_args()
+    if args.loader:
+        if not args.data_root:
+            raise SystemExit("error: --loader needs --data-root (a class-folder dataset, e.g. $HOME/data/cifar10-jpeg)")
+        result = loader_rates(args)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        for workers, rate in result["img_s_by_workers"].items():
+            print(
+                f"{args.experiment}'s training loader, batch {result['batch_size']}, {workers} workers: {rate:.0f} img/s"
+            )
+        return
     if args.loop or args.variant:  # one size, two steps interleaved: JSON and two lines
         if args.loop and not args.data_root:
             raise SystemExit("error: --loop needs --data-root (a class-folder dataset, e.g. $HOME/data/cifar10-jpeg)")

@@ -81,6 +81,23 @@ def test_loop_mode_times_vit_trains_step_against_a_bare_loop(folder_data, tmp_pa
     assert r.returncode == 1 and "--loop needs --data-root" in r.stderr
 
 
+def test_loader_mode_times_the_experiments_training_loader_per_worker_count(folder_data, tmp_path):
+    out = tmp_path / "loader.json"
+    # cifar10_best's loader: RandAugment and random erasing per image; more batches than one epoch
+    args = ["--loader", "--experiment", "cifar10_best", "--data-root", str(folder_data), "--loader-workers", "0,1"]
+    args += ["--loop-steps", "6", "--loop-skip", "1", "--json", str(out)]
+    for o in ["data.val_size=10", "data.batch_size=8"]:
+        args += ["--override", o]
+    r = _benchmark(args)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert result["experiment"] == "cifar10_best" and result["batch_size"] == 8 and result["batches"] == 6
+    assert set(result["img_s_by_workers"]) == {"0", "1"} and min(result["img_s_by_workers"].values()) > 0
+    assert "cifar10_best's training loader, batch 8, 1 workers:" in r.stdout
+    r = _benchmark(["--loader"])
+    assert r.returncode == 1 and "--loader needs --data-root" in r.stderr
+
+
 def test_variant_mode_times_the_experiments_model_against_a_changed_copy(tmp_path):
     out = tmp_path / "variant.json"
     args = ["--variant", "num_heads=4", "--variant", "precision=bf16", "--img-size-at", "8", "--batch-size", "4"]
