@@ -25,6 +25,14 @@ def _benchmark(args: list[str]) -> subprocess.CompletedProcess:
     return _script("benchmark.py", args)
 
 
+def _load_benchmark():
+    """scripts/benchmark.py as a module, for its functions and main()."""
+    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    return benchmark
+
+
 def test_benchmark_runs_and_counts_fewer_flops_for_our_class_token_forward(tmp_path):
     out = tmp_path / "bench.json"
     args = [
@@ -115,9 +123,7 @@ def test_variant_mode_times_the_experiments_model_against_a_changed_copy(tmp_pat
 
 
 def test_variant_mode_refuses_what_is_not_a_model_keyword(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = _load_benchmark()
     for variant, message in [
         ("num_head=8", "num_head: not a VisionTransformer keyword"),
         ("num_heads", "must be KEY=VALUE"),
@@ -132,9 +138,7 @@ def test_variant_mode_refuses_what_is_not_a_model_keyword(monkeypatch, capsys):
 def test_data_pipeline_rate_runs_past_the_end_of_an_epoch():
     # A GPU run at batch 1024 asked for 100 batches of 45,000 images and stopped with StopIteration:
     # here 5 batches of 8 from 20 images need three epochs.
-    spec = importlib.util.spec_from_file_location("benchmark_script", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = _load_benchmark()
     assert benchmark.data_pipeline_rate(None, batch_size=8, num_workers=0, batches=5, num_images=20) > 0
 
 
