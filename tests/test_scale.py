@@ -89,6 +89,7 @@ def test_compile_trains_and_computes_the_same_function(folder_data, tmp_path):
             "data.img_size=16",
             "trainer.fast_dev_run=true",
             "model.compile=true",
+            "model.dynamic_img_size=true",
             *TINY_MODEL,
             *FAST,
         ],
@@ -100,9 +101,12 @@ def test_compile_trains_and_computes_the_same_function(folder_data, tmp_path):
     module = build_module(cfg, dm).eval()
     assert module._compiled is not None
     assert not any(k.startswith("_compiled") or "_orig_mod" in k for k in module.state_dict())
-    x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), module.net(x), atol=1e-5, rtol=1e-5)
+    # One static graph per shape: a new image size and a new batch size compile again and agree.
+    for shape in [(4, 3, 16, 16), (4, 3, 24, 24), (3, 3, 16, 16)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(module(x), module.net(x), atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.config.recompile_limit >= 32
 
 
 @pytest.mark.slow
