@@ -21,6 +21,7 @@ from vit.data import (
     random_crop_flip,
     stratified_split,
 )
+from vit.errors import ConfigError
 
 
 def test_folder_loads_sorted_classes_and_pixels(tmp_path):
@@ -151,6 +152,44 @@ def test_scheduled_resize_equals_normalizing_then_resizing():
     torch.testing.assert_close(small, expected, atol=1e-5, rtol=0)
     full, _ = pipeline.train(images, torch.zeros(4, dtype=torch.long), fraction=0.7)
     assert torch.equal(full, pipeline.normalize(images))
+
+
+def test_crop_padding_follows_its_schedule_and_needs_batch_crops():
+    mean, std = [0.5] * 3, [0.25] * 3
+    schedule = [(0.0, 0), (0.5, 3)]
+    pipeline = BatchPipeline(mean, std, Augment(crop_padding=1, on_batch=True), crop_padding_schedule=schedule)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.zeros(64, dtype=torch.long)
+    # Padding 0 in the first half (the schedule wins over augment.crop_padding): the images as they are.
+    early, _ = pipeline.train(images, labels, fraction=0.4)
+    assert torch.equal(early, pipeline.normalize(images))
+    # Padding 3 from half way: every image a window of its 3-padded self, and the offsets reach 3.
+    late, _ = pipeline.train(images, labels, fraction=0.6)
+    uint8 = (late * 0.25 + 0.5).mul(255).round().to(torch.uint8)
+    padded = v2.functional.pad(images, [3], padding_mode="reflect")
+    offsets = [_window(padded[b], uint8[b], 3) for b in range(len(images))]
+    assert None not in offsets
+    assert {0, 6} <= {i for i, _, _ in offsets}
+    with pytest.raises(RuntimeError, match="need the run's progress"):
+        pipeline.train(images, labels, fraction=None)
+    # The loader's per-image crop cannot follow the clock: refused, not ignored.
+    with pytest.raises(ConfigError, match="needs data.augment.on_batch=true"):
+        BatchPipeline(mean, std, Augment(crop_padding=4), crop_padding_schedule=schedule)
+
+
+def test_crop_padding_schedule_wider_than_the_images_is_refused_at_setup(folder_data):
+    # A folder's image size is known only once it is read: the same range check as augment.crop_padding.
+    dm = ImageDataModule(
+        name="folder",
+        root=str(folder_data),
+        img_size=None,
+        val_size=12,
+        augment={"on_batch": True},
+        crop_padding_schedule=[[0, 2], [0.5, 16]],
+    )
+    with pytest.raises(ConfigError, match=r"paddings \[16\] must be below 16 for \[16, 16\] images"):
+        dm.setup("fit")
 
 
 def test_batch_mix_gives_soft_targets_that_sum_to_one():

@@ -14,6 +14,7 @@ from vit.module import ViTClassifier
 from vit.schedule import (
     img_size_at,
     lr_factor,
+    parse_crop_padding_schedule,
     parse_img_size_schedule,
     parse_patch_drop_schedule,
     run_fraction,
@@ -67,6 +68,13 @@ def test_img_size_at_follows_the_schedule():
     for bad, match in (([[0.2, 8]], "must start at fraction 0"), ([[0, 8], [1.0, 16]], "below 1"), ([8, 16], "pairs")):
         with pytest.raises(ConfigError, match=match):
             parse_img_size_schedule(bad)
+
+
+def test_crop_padding_schedule_parses_integer_paddings_and_refuses_bad_ones():
+    assert parse_crop_padding_schedule([[0.5, 4], [0, 0]]) == [(0.0, 0), (0.5, 4)]
+    for bad in ([[0, -1]], [[0, 2.5]], [[0, True]], [[0.1, 2]], [[0, 2], [1.0, 4]]):
+        with pytest.raises(ConfigError, match="data.crop_padding_schedule"):
+            parse_crop_padding_schedule(bad)
 
 
 def test_patch_drop_schedule_parses_rates_and_refuses_bad_ones():

@@ -357,6 +357,12 @@ def test_img_size_schedule_trains_small_then_full_size_and_validates_at_full_siz
         (["model.dynamic_img_size=true", "data.img_size_schedule=[[0.2,8]]"], "must start at fraction 0"),
         (["model.dynamic_img_size=true", "data.img_size_schedule=[8,16]"], "are [fraction, size] pairs"),
         (["optim.schedule_by_time=true"], "needs a time budget: set trainer.max_time"),
+        (["data.crop_padding_schedule=[[0,2]]"], "needs data.augment.on_batch=true"),
+        (
+            ["data.augment.on_batch=true", "data.crop_padding_schedule=[[0,2],[0.5,40]]"],
+            "paddings [40] must be below 32",
+        ),
+        (["data.augment.on_batch=true", "data.crop_padding_schedule=[[0,-2]]"], "non-negative integer paddings"),
     ],
 )
 def test_bad_schedule_overrides_fail_before_any_data_is_read(tmp_path, overrides, message):

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vit.errors import ConfigError
-from vit.schedule import LR_DECAYS, parse_img_size_schedule
+from vit.schedule import LR_DECAYS, parse_crop_padding_schedule, parse_img_size_schedule
 
 # The Hydra configs: installed beside this module as vit/conf by a regular or wheel install; in an
 # editable install (or a checkout on PYTHONPATH), the repository's top-level conf/.
@@ -187,6 +187,18 @@ def check_train_config(cfg: DictConfig) -> None:
         if bad:
             raise ConfigError(
                 f"data.img_size_schedule sizes {bad} are not multiples of the patch size {model.patch_size}"
+            )
+    paddings = parse_crop_padding_schedule(
+        OmegaConf.to_container(data.crop_padding_schedule) if data.get("crop_padding_schedule") else None
+    )
+    if paddings:
+        if not data.augment.get("on_batch"):
+            raise ConfigError("data.crop_padding_schedule needs data.augment.on_batch=true")
+        too_wide = [p for _, p in paddings if img_size is not None and p >= img_size]
+        if too_wide:
+            raise ConfigError(
+                f"data.crop_padding_schedule paddings {too_wide} must be below {img_size} for {img_size} px images "
+                "(reflect padding takes at most image size - 1 pixels)"
             )
     max_time = trainer.get("max_time")
     if max_time is not None and not (isinstance(max_time, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", max_time)):

@@ -5,9 +5,9 @@ Images live in memory as one uint8 tensor (N, C, H, W): CIFAR-10's 50,000 traini
 150 MB. Per-image augmentation (torchvision.transforms.v2: RandAugment, erasing, and crop + flip
 unless `augment.on_batch`) runs on those uint8 tensors in the loader. Everything else happens to
 whole batches once they reach the device, in `BatchPipeline`: for training batches crop + flip
-(`augment.on_batch`) -> resize to the scheduled size -> normalize -> mixup/cutmix; evaluation
-batches are only normalized, with the same `normalize` that vit-eval, vit-attention, vit-predict
-and export use.
+(`augment.on_batch`; the crop's padding on a schedule if one is set) -> resize to the scheduled
+size -> normalize -> mixup/cutmix; evaluation batches are only normalized, with the same
+`normalize` that vit-eval, vit-attention, vit-predict and export use.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from vit.errors import DataError
-from vit.schedule import RunClock, img_size_at, parse_img_size_schedule
+from vit.errors import ConfigError, DataError
+from vit.schedule import RunClock, img_size_at, parse_crop_padding_schedule, parse_img_size_schedule, value_at
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,9 @@ def build_batch_mix(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: fl
 class BatchPipeline:
     """What a batch goes through once it is on the device, in one place.
 
-    Training batches: random crop + flip (when `augment.on_batch`) -> resize to the size that
-    `img_size_schedule` gives at this point of the run -> normalize -> MixUp/CutMix.
+    Training batches: random crop + flip (when `augment.on_batch`; the crop's padding is
+    `augment.crop_padding`, or what `crop_padding_schedule` gives at this point of the run) ->
+    resize to the size that `img_size_schedule` gives -> normalize -> MixUp/CutMix.
     Evaluation batches: normalize only (full size, no augmentation).
     """
 
@@ -268,21 +269,32 @@ class BatchPipeline:
         augment: Augment = Augment(),
         img_size_schedule: Sequence[tuple[float, int]] = (),
         batch_mix: v2.Transform | None = None,
+        crop_padding_schedule: Sequence[tuple[float, int]] = (),
     ) -> None:
         self.mean, self.std = list(mean), list(std)
         self.augment, self.img_size_schedule, self.batch_mix = augment, list(img_size_schedule), batch_mix
+        if crop_padding_schedule and not augment.on_batch:
+            # The loader's per-image transforms are built once (and copied into worker processes):
+            # only the batch crop can follow the run's clock.
+            raise ConfigError("data.crop_padding_schedule needs data.augment.on_batch=true")
+        self.crop_padding_schedule = list(crop_padding_schedule)
 
     def train(
         self, images: torch.Tensor, labels: torch.Tensor, fraction: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, C, H, W), labels (B,) at `fraction` of the run -> float (B, C, h, w), labels
         (B,) or soft targets (B, K) when a batch mix is on."""
+        if (self.img_size_schedule or self.crop_padding_schedule) and fraction is None:
+            raise RuntimeError(
+                "data.img_size_schedule and data.crop_padding_schedule need the run's progress: train through vit.module"
+            )
         if self.augment.on_batch:
-            images = random_crop_flip(images, self.augment.crop_padding, self.augment.hflip)
+            padding = self.augment.crop_padding
+            if self.crop_padding_schedule:
+                padding = int(value_at(fraction, self.crop_padding_schedule))
+            images = random_crop_flip(images, padding, self.augment.hflip)
         x = images.float()  # 0-255
         if self.img_size_schedule:
-            if fraction is None:
-                raise RuntimeError("data.img_size_schedule needs the run's progress: train through vit.module")
             size = img_size_at(fraction, self.img_size_schedule)
             if size is not None and (size, size) != tuple(x.shape[-2:]):
                 # Downscale the whole batch (antialiased), so early steps see fewer patch tokens. Before
@@ -330,6 +342,7 @@ class ImageDataModule(L.LightningDataModule):
         augment: dict[str, Any] | Augment | None = None,
         mix: dict[str, Any] | None = None,
         img_size_schedule: Sequence[Sequence[float]] | None = None,
+        crop_padding_schedule: Sequence[Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         if name not in DATASETS:
@@ -345,6 +358,7 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = augment if isinstance(augment, Augment) else Augment(**(augment or {}))
         self.mix = dict(mix or {})
         self.img_size_schedule = parse_img_size_schedule(img_size_schedule)
+        self.crop_padding_schedule = parse_crop_padding_schedule(crop_padding_schedule)
         self._class_names: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
         self.pipeline: BatchPipeline | None = None
@@ -411,10 +425,18 @@ class ImageDataModule(L.LightningDataModule):
             if self.mean is None or self.std is None:
                 self.mean, self.std = channel_stats(images[train_idx])
             transform = build_train_transform(self.img_size, self.augment)
+            too_wide = [p for _, p in self.crop_padding_schedule if p >= min(self.img_size)]
+            if too_wide:
+                raise ConfigError(
+                    f"data.crop_padding_schedule paddings {too_wide} must be below {min(self.img_size)} for "
+                    f"{list(self.img_size)} images (reflect padding takes at most image size - 1 pixels)"
+                )
             self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], transform)
             self.val_set = TensorImageDataset(images[val_idx], labels[val_idx])
             mix = build_batch_mix(self.num_classes, **self.mix)
-            self.pipeline = BatchPipeline(self.mean, self.std, self.augment, self.img_size_schedule, mix)
+            self.pipeline = BatchPipeline(
+                self.mean, self.std, self.augment, self.img_size_schedule, mix, self.crop_padding_schedule
+            )
             log.info(
                 "data: %s at %s, %d classes, %d train / %d val images of %s",
                 self.name,

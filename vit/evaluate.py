@@ -54,7 +54,9 @@ def build_eval_data(ckpt: Checkpoint, data_cfg: dict[str, Any] | None, split: st
             raise DataError("this checkpoint records no dataset; pass data=cifar10|folder data.root=...")
         data_cfg = dict(recorded)
     data_cfg = {
-        k: v for k, v in data_cfg.items() if k not in ("_target_", "augment", "mix", "mean", "std", "img_size_schedule")
+        k: v
+        for k, v in data_cfg.items()
+        if k not in ("_target_", "augment", "mix", "mean", "std", "img_size_schedule", "crop_padding_schedule")
     }
     # The validation split is defined by training: carve it the same way.
     data_cfg.update({k: recorded[k] for k in ("val_size", "seed") if k in recorded})

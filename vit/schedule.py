@@ -1,7 +1,7 @@
 """How far through the run we are, and the schedules that follow it.
 
-One number drives every schedule (the learning rate, the training image size, the share of patch
-tokens dropped):
+One number drives every schedule (the learning rate, the training image size, the random crop's
+padding, the share of patch tokens dropped):
 the fraction of the run done, a pure function of the step count and the clock (`run_fraction`).
 `RunClock`, a Lightning callback, refreshes it once per step; the schedules read `clock.fraction`
 and are plain functions of it (`lr_factor`, `value_at` for piecewise-constant schedules).
@@ -75,6 +75,13 @@ def parse_img_size_schedule(schedule: Sequence[Sequence[float]] | None) -> list[
     checked with the model config: `vit.config`.)"""
     ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
     return parse_schedule(schedule, "data.img_size_schedule", "size", ok, "positive integer sizes")  # type: ignore[return-value]
+
+
+def parse_crop_padding_schedule(schedule: Sequence[Sequence[float]] | None) -> list[tuple[float, int]]:
+    """data.crop_padding_schedule: [[fraction, padding], ...], paddings non-negative integers. (That
+    they fit the image, and that the crop runs on batches, is checked with the data config.)"""
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    return parse_schedule(schedule, "data.crop_padding_schedule", "padding", ok, "non-negative integer paddings")  # type: ignore[return-value]
 
 
 def parse_patch_drop_schedule(schedule: Sequence[Sequence[float]] | None) -> list[tuple[float, float]]:
