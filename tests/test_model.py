@@ -14,6 +14,7 @@ from vit.model import (
     resample_pos_embed,
     sincos_pos_embed_2d,
     whiten_patch_embed_,
+    zero_residuals_,
 )
 from vit.pretrained import load_timm_weights
 
@@ -457,6 +458,34 @@ def test_class_token_forward_equals_the_full_forward(kw, fused):
     m.blocks[-1].attn.proj.register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
     m(x)
     assert seen == [(3, 1, 32)]
+
+
+@pytest.mark.parametrize("extra", [dict(class_token=False, global_pool="avg"), {}])
+def test_blocks_held_back_with_zero_residuals_are_identities_so_skipping_them_changes_nothing(extra):
+    # A growing model (optim.depth_schedule) runs its first `active_blocks` blocks; the rest start
+    # with zero output projections, so a checkpoint taken mid-growth runs the same with every block.
+    torch.manual_seed(0)
+    kw = dict(TINY, depth=3, **extra)
+    m = VisionTransformer(**kw).eval()
+    for blk in m.blocks[1:]:
+        zero_residuals_(blk)
+    x = _images(kw)
+    every_block = m(x)
+    m.active_blocks = 1
+    seen = []
+    hooks = [blk.register_forward_hook(lambda mod, args, out, i=i: seen.append(i)) for i, blk in enumerate(m.blocks)]
+    one_block = m(x)
+    assert seen == [0]  # the held-back blocks do not run
+    torch.testing.assert_close(one_block, every_block, atol=1e-6, rtol=0)
+    for h in hooks:
+        h.remove()
+    # Once a held-back block has weights of its own, skipping it is a different network.
+    torch.nn.init.normal_(m.blocks[2].mlp.fc2.weight)
+    m.active_blocks = None
+    assert (m(x) - one_block).abs().max() > 1e-3
+    assert all(
+        p.abs().sum() > 0 for p in (m.blocks[1].attn.qkv.weight, m.blocks[1].mlp.fc1.weight)
+    )  # inner weights kept
 
 
 def test_class_token_forward_with_drop_path_uses_the_same_random_stream_as_timm():

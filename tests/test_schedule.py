@@ -8,13 +8,16 @@ import lightning as L
 import pytest
 
 from tests.conftest import FAST, TINY_MODEL, compose_train
+from vit.checkpoint import load_checkpoint
+from vit.config import check_train_config
 from vit.errors import ConfigError
-from vit.model import PatchDropout
+from vit.model import Block, PatchDropout
 from vit.module import ViTClassifier
 from vit.schedule import (
     img_size_at,
     lr_factor,
     parse_crop_padding_schedule,
+    parse_depth_schedule,
     parse_img_size_schedule,
     parse_patch_drop_schedule,
     run_fraction,
@@ -108,6 +111,78 @@ def test_patch_drop_follows_its_schedule_in_training_and_never_in_evaluation(fol
     training = [n for is_training, n in seen if is_training]
     assert training == [1 + 8] * 5 + [1 + 16] * 5
     assert {n for is_training, n in seen if not is_training} == {1 + 16}  # validation: every token
+
+
+def test_depth_schedule_parses_growing_block_counts_and_refuses_bad_ones():
+    assert parse_depth_schedule([[0.5, 3], [0, 2]], depth=3) == [(0.0, 2), (0.5, 3)]
+    assert parse_depth_schedule(None, depth=3) == []
+    bad = (
+        [[0, 0], [0.5, 3]],  # no block
+        [[0, 4]],  # more than the model has
+        [[0, 2.5], [0.5, 3]],
+        [[0, True], [0.5, 3]],
+        [[0.1, 3]],  # not from the start
+        [[0, 3], [0.5, 2]],  # a trained block taken out
+        [[0, 1], [0.5, 2]],  # never the whole model
+    )
+    for schedule in bad:
+        with pytest.raises(ConfigError, match="optim.depth_schedule"):
+            parse_depth_schedule(schedule, depth=3)
+
+
+def test_depth_schedule_is_refused_at_compose_time_beside_ddp_that_waits_for_every_gradient(tmp_path):
+    ok = compose_train(["model.depth=3", "optim.depth_schedule=[[0,2],[0.5,3]]"], tmp_path)
+    check_train_config(ok)
+    with pytest.raises(ConfigError, match="optim.depth_schedule"):
+        check_train_config(compose_train(["model.depth=3", "optim.depth_schedule=[[0,2],[0.5,4]]"], tmp_path))
+    with pytest.raises(ConfigError, match="ddp_find_unused_parameters_true"):
+        check_train_config(
+            compose_train(["trainer=ddp", "model.depth=3", "optim.depth_schedule=[[0,2],[0.5,3]]"], tmp_path)
+        )
+    check_train_config(
+        compose_train(
+            [
+                "trainer=ddp",
+                "trainer.strategy=ddp_find_unused_parameters_true",
+                "model.depth=3",
+                "optim.depth_schedule=[[0,2],[0.5,3]]",
+            ],
+            tmp_path,
+        )
+    )
+
+
+def test_the_network_grows_on_the_run_clock_and_its_checkpoint_is_the_whole_model(folder_data, tmp_path, monkeypatch):
+    # 90 training images at 16 a batch: 5 steps an epoch, 10 in all; the first block alone for the
+    # first half of the run, both after. Block 1 is the identity (zero residuals) until it joins.
+    nets, runs, joined_at = [], [], []
+    real_forward, real_callbacks = Block.forward, ViTClassifier.configure_callbacks
+
+    def record(self, x, *args, **kwargs):
+        if x.device.type != "meta" and self.training:  # not the FLOP count's copy, not validation
+            index = list(nets[0].blocks).index(self)
+            if index == 1 and not joined_at:
+                joined_at.append(
+                    float(self.mlp.fc2.weight.detach().abs().max() + self.attn.proj.weight.detach().abs().max())
+                )
+            runs.append(index)
+        return real_forward(self, x, *args, **kwargs)
+
+    def capture(self):
+        nets.append(self.net)
+        return real_callbacks(self)
+
+    monkeypatch.setattr(Block, "forward", record)
+    monkeypatch.setattr(ViTClassifier, "configure_callbacks", capture)
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "test=false", *TINY_MODEL, *FAST]
+    overrides += ["trainer.max_epochs=2", "trainer.num_sanity_val_steps=0", "optim.depth_schedule=[[0,1],[0.5,2]]"]
+    train(compose_train(overrides, tmp_path))
+    assert runs == [0] * 5 + [0, 1] * 5
+    assert joined_at == [0.0]
+    # The last checkpoint is the whole grown model, block 1 trained; it runs every block.
+    model = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt").model
+    assert model.active_blocks is None and len(model.blocks) == 2
+    assert model.blocks[1].mlp.fc2.weight.abs().max() > 0
 
 
 def _lrs(run_dir):

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vit.errors import ConfigError
-from vit.schedule import LR_DECAYS, parse_crop_padding_schedule, parse_img_size_schedule
+from vit.schedule import LR_DECAYS, parse_crop_padding_schedule, parse_depth_schedule, parse_img_size_schedule
 
 # The Hydra configs: installed beside this module as vit/conf by a regular or wheel install; in an
 # editable install (or a checkout on PYTHONPATH), the repository's top-level conf/.
@@ -200,6 +200,16 @@ def check_train_config(cfg: DictConfig) -> None:
                 f"data.crop_padding_schedule paddings {too_wide} must be below {img_size} for {img_size} px images "
                 "(reflect padding takes at most image size - 1 pixels)"
             )
+    depths = parse_depth_schedule(
+        OmegaConf.to_container(optim.depth_schedule) if optim.get("depth_schedule") else None, model.depth
+    )
+    strategy = str(trainer.get("strategy") or "")
+    if depths and strategy.startswith("ddp") and "find_unused_parameters_true" not in strategy:
+        # DDP waits for a gradient of every parameter each step; held-back blocks have none.
+        raise ConfigError(
+            f"optim.depth_schedule trains only some blocks in its first steps, which trainer.strategy={strategy} "
+            "does not allow; use trainer.strategy=ddp_find_unused_parameters_true"
+        )
     max_time = trainer.get("max_time")
     if max_time is not None and not (isinstance(max_time, str) and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", max_time)):
         raise ConfigError(f"trainer.max_time={max_time!r} must be a duration DD:HH:MM:SS, e.g. 00:00:30:00")

@@ -388,6 +388,18 @@ class Block(nn.Module):
         return x
 
 
+@torch.no_grad()
+def zero_residuals_(blk: Block) -> None:
+    """Zero the output projections of a block's two residual branches (attention's `proj`, the
+    MLP's `fc2`): the block is then the identity, x + 0 + 0, until training moves them. A model
+    that grows (optim.depth_schedule) starts its held-back blocks so, which makes running them
+    and skipping them the same function; their other weights keep their init."""
+    for linear in (blk.attn.proj, blk.mlp.fc2):
+        nn.init.zeros_(linear.weight)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+
+
 def sincos_pos_embed_2d(
     grid_size: tuple[int, int],
     dim: int,
@@ -597,6 +609,10 @@ class VisionTransformer(nn.Module):
                 for i in range(depth)
             ]
         )
+        # How many of the blocks run (None: all). Not a constructor keyword (timm has none): a
+        # growth schedule (optim.depth_schedule) sets it during training, and the blocks it holds
+        # back are identities until then (`zero_residuals_`), so a checkpoint runs the same with all.
+        self.active_blocks: int | None = None
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -680,8 +696,12 @@ class VisionTransformer(nn.Module):
         grid = self._grid(x)
         x = self.patch_embed(x)  # (B, N, D)
         x = self.patch_drop(self._pos_embed(x, grid))  # (B, prefix + N, D); fewer patches in training with patch_drop
-        x = self.blocks(x)
+        x = self._running_blocks()(x)
         return self.norm(x)
+
+    def _running_blocks(self) -> nn.Sequential:
+        """The blocks a forward runs: all, or the first `active_blocks` while a model grows."""
+        return self.blocks if self.active_blocks is None else self.blocks[: self.active_blocks]
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -705,9 +725,10 @@ class VisionTransformer(nn.Module):
         # still returns every token.
         grid = self._grid(x)
         x = self.patch_drop(self._pos_embed(self.patch_embed(x), grid))  # (B, 1 + N, D)
-        for blk in self.blocks[:-1]:
+        blocks = self._running_blocks()
+        for blk in blocks[:-1]:
             x = blk(x)
-        x = self.norm(self.blocks[-1](x, num_queries=1))  # (B, 1, D)
+        x = self.norm(blocks[-1](x, num_queries=1))  # (B, 1, D)
         return self.forward_head(x)
 
 

@@ -18,9 +18,9 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from vit.errors import DivergedError
-from vit.model import VisionTransformer
+from vit.model import VisionTransformer, zero_residuals_
 from vit.optim import build_optimizer
-from vit.schedule import RunClock, lr_factor, parse_patch_drop_schedule, value_at
+from vit.schedule import RunClock, lr_factor, parse_depth_schedule, parse_patch_drop_schedule, value_at
 
 
 def compile_static(net: torch.nn.Module) -> torch.nn.Module:
@@ -61,6 +61,7 @@ class ViTClassifier(L.LightningModule):
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
         patch_drop_schedule: list[list[float]] | None = None,
+        depth_schedule: list[list[int]] | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -74,6 +75,13 @@ class ViTClassifier(L.LightningModule):
         # [[fraction, rate], ...]: the share of patch tokens the network drops in training, set
         # before each step from the run clock (None: model.patch_drop_rate throughout).
         self.patch_drop_schedule = parse_patch_drop_schedule(patch_drop_schedule)
+        # [[fraction, blocks], ...]: the network grows, training its first `blocks` blocks from that
+        # fraction on (cheaper steps while shallow). The blocks it holds back start as identities,
+        # so the network skipping them and the network running them (a checkpoint) are the same.
+        self.depth_schedule = parse_depth_schedule(depth_schedule, len(self.net.blocks))
+        if self.depth_schedule:
+            for blk in self.net.blocks[self.depth_schedule[0][1] :]:
+                zero_residuals_(blk)
         k = self.net.num_classes
         self.train_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
@@ -122,12 +130,12 @@ class ViTClassifier(L.LightningModule):
         self.train_acc.reset()
 
     def _training_flops(self, shape: tuple[int, ...]) -> int:
-        """FLOPs of a forward + backward at this batch shape and patch-drop rate, counted once per
-        pair on the meta device (here, in grad mode: ThroughputMonitor reads it under inference mode)."""
-        key = (shape, self.net.patch_drop.prob)
+        """FLOPs of a forward + backward at this batch shape, patch-drop rate and number of running
+        blocks, counted once per combination on the meta device (here, in grad mode: ThroughputMonitor reads it under inference mode)."""
+        key = (shape, self.net.patch_drop.prob, len(self.net._running_blocks()))
         if key not in self._flops:
             with torch.device("meta"):
-                net = VisionTransformer(**{**self.net.config, "patch_drop_rate": key[1]})
+                net = VisionTransformer(**{**self.net.config, "patch_drop_rate": key[1], "depth": key[2]})
             x = torch.empty(shape, device="meta")
             self._flops[key] = measure_flops(net, lambda: net(x), lambda y: y.sum())
         return self._flops[key]
@@ -180,11 +188,14 @@ class ViTClassifier(L.LightningModule):
         self._follow_schedules()
 
     def _follow_schedules(self) -> None:
-        """Set the learning rate and the patch-drop rate for the next step from the run's progress
-        (the clock has just been refreshed: callbacks' hooks run before the module's)."""
+        """Set the learning rate, the patch-drop rate and the blocks trained for the next step from
+        the run's progress (the clock has just been refreshed: callbacks' hooks run before the module's)."""
         rate = value_at(self.clock.fraction, self.patch_drop_schedule)
         if rate is not None:
             self.net.patch_drop.prob = rate
+        blocks = value_at(self.clock.fraction, self.depth_schedule)
+        if blocks is not None:
+            self.net.active_blocks = int(blocks)
         hp = self.hparams
         warmup = self.clock.epochs_to_fraction(hp.warmup_epochs)
         factor = lr_factor(self.clock.fraction, warmup, hp.min_lr_ratio, hp.lr_decay)

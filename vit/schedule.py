@@ -1,7 +1,7 @@
 """How far through the run we are, and the schedules that follow it.
 
 One number drives every schedule (the learning rate, the training image size, the random crop's
-padding, the share of patch tokens dropped):
+padding, the share of patch tokens dropped, the number of blocks trained):
 the fraction of the run done, a pure function of the step count and the clock (`run_fraction`).
 `RunClock`, a Lightning callback, refreshes it once per step; the schedules read `clock.fraction`
 and are plain functions of it (`lr_factor`, `value_at` for piecewise-constant schedules).
@@ -90,6 +90,22 @@ def parse_patch_drop_schedule(schedule: Sequence[Sequence[float]] | None) -> lis
     return [
         (f, float(v)) for f, v in parse_schedule(schedule, "optim.patch_drop_schedule", "rate", ok, "rates in [0, 1)")
     ]
+
+
+def parse_depth_schedule(schedule: Sequence[Sequence[float]] | None, depth: int) -> list[tuple[float, int]]:
+    """optim.depth_schedule: [[fraction, blocks], ...]: train the first `blocks` of the model's
+    `depth` blocks from that fraction of the run on (a model grown by stacking blocks). Blocks are
+    only ever added, and the last entry runs all `depth`: the network trained is the whole model."""
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= depth  # noqa: E731
+    allowed = f"block counts from 1 to model.depth={depth}"
+    pairs = parse_schedule(schedule, "optim.depth_schedule", "blocks", ok, allowed)
+    counts = [blocks for _, blocks in pairs]
+    if pairs and (counts != sorted(counts) or counts[-1] != depth):
+        raise ConfigError(
+            f"optim.depth_schedule={[list(p) for p in pairs]} must only add blocks and end with all "
+            f"model.depth={depth} blocks: a block taken out after it has trained would change the network"
+        )
+    return pairs  # type: ignore[return-value]
 
 
 def value_at(fraction: float, schedule: Sequence[tuple[float, float]]) -> float | None:
