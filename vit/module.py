@@ -132,7 +132,7 @@ class ViTClassifier(L.LightningModule):
     def _training_flops(self, shape: tuple[int, ...]) -> int:
         """FLOPs of a forward + backward at this batch shape, patch-drop rate and number of running
         blocks, counted once per combination on the meta device (here, in grad mode: ThroughputMonitor reads it under inference mode)."""
-        key = (shape, self.net.patch_drop.prob, len(self.net._running_blocks()))
+        key = (shape, self.net.patch_drop.prob, self.net.active_blocks or len(self.net.blocks))
         if key not in self._flops:
             with torch.device("meta"):
                 net = VisionTransformer(**{**self.net.config, "patch_drop_rate": key[1], "depth": key[2]})
