@@ -229,6 +229,10 @@ def _narrow_run(folder_data) -> list[str]:
             "model.whiten_patches: whitening needs embed_dim >= in_chans * patch area (32 < 48)",
         ),
         (["model.whiten_patches=true", "model.pretrained=/w.pth"], "model.whiten_patches=true would overwrite"),
+        (
+            ["model.depth=2", "model.pretrained=/w.pth", "optim.depth_schedule=[[0,1],[0.5,2]]"],
+            "would discard model.pretrained's weights",
+        ),
     ],
 )
 def test_bad_overrides_fail_before_training(folder_data, tmp_path, overrides, message):

@@ -63,6 +63,11 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
         raise ConfigError(
             "model.whiten_patches=true would overwrite the pretrained patch embedding; set one of the two"
         )
+    if pretrained and cfg.optim.get("depth_schedule"):
+        raise ConfigError(
+            "optim.depth_schedule starts the blocks it holds back as identities, which would discard "
+            "model.pretrained's weights for them; set one of the two"
+        )
     h, w = dm.img_size
     model_kw.update(img_size=h if h == w else [h, w], num_classes=dm.num_classes)
     optim: dict[str, Any] = OmegaConf.to_container(cfg.optim, resolve=True)  # type: ignore[assignment]
