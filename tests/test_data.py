@@ -10,6 +10,7 @@ from torchvision.transforms import v2
 
 from tests.conftest import write_cifar_pickles, write_folder
 from vit.data import (
+    AlternatingFlipSampler,
     Augment,
     BatchPipeline,
     DataError,
@@ -250,3 +251,53 @@ def test_test_split_must_have_the_same_classes(tmp_path):
     dm = ImageDataModule(name="folder", root=str(root), val_size=3)
     with pytest.raises(DataError, match="has classes"):
         dm.setup("test")
+
+
+def test_alternating_flip_shows_each_image_both_ways_in_consecutive_epochs():
+    sampler = AlternatingFlipSampler(1000, seed=3)
+    epochs = []
+    for e in range(3):
+        sampler.set_epoch(e)
+        epochs.append(dict(sampler))  # index -> flip
+    assert all(sorted(ep) == list(range(1000)) for ep in epochs)  # each a full pass
+    assert 0.45 < sum(epochs[0].values()) / 1000 < 0.55  # a random half flipped first
+    assert all(epochs[1][i] != epochs[0][i] and epochs[2][i] == epochs[0][i] for i in range(1000))
+    # The order is shuffled anew each epoch, and the same on another rank (same seed and epoch).
+    assert list(epochs[0]) != list(epochs[1])
+    again = AlternatingFlipSampler(1000, seed=3)
+    again.set_epoch(1)
+    assert list(again) == list(epochs[1].items())
+    # Without set_epoch, each pass counts as the next epoch.
+    counting = AlternatingFlipSampler(1000, seed=3)
+    assert [list(counting) for _ in range(2)] == [list(ep.items()) for ep in epochs[:2]]
+
+
+def test_alternate_flip_flips_in_the_loader_and_not_again_on_the_batch(folder_data):
+    augment = {"hflip": True, "alternate_flip": True, "on_batch": True}
+    # 108 training images in batches of 12: no batch dropped, so every image is seen each epoch.
+    dm = ImageDataModule(name="folder", root=str(folder_data), img_size=16, val_size=12, batch_size=12, augment=augment)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, AlternatingFlipSampler)
+    dm.trainer = SimpleNamespace(training=True, callbacks=[])
+    stored = dm.train_set.images  # random pixels (conftest): no image is its own mirror
+
+    def index_of(img):
+        return next(i for i, s in enumerate(stored) if torch.equal(s, img) or torch.equal(s, img.flip(-1)))
+
+    seen = []  # per epoch: stored index -> the image as the loader gave it
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        # No crop, and no second (random) flip on the batch: the pipeline only normalizes.
+        for images, labels in batches:
+            x, _ = dm.on_after_batch_transfer((images, labels), 0)
+            assert torch.equal(x, dm.pipeline.normalize(images))
+        seen.append({index_of(img): img for images, _ in batches for img in images})
+    assert sorted(seen[0]) == list(range(len(stored)))
+    flipped = [not torch.equal(seen[0][i], stored[i]) for i in seen[0]]
+    assert any(flipped) and not all(flipped)
+    # Whichever way an image went in epoch 0, it goes the other way in epoch 1.
+    assert all(torch.equal(seen[1][i], seen[0][i].flip(-1)) for i in seen[0])
+    with pytest.raises(ConfigError, match="alternate_flip=true needs data.augment.hflip=true"):
+        ImageDataModule(name="folder", root=str(folder_data), augment={"alternate_flip": True})

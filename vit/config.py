@@ -69,6 +69,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "data.std": _optional(_sequence(3, POSITIVE)),
     "data.augment.crop_padding": INT_GE0,
     "data.augment.hflip": BOOL,
+    "data.augment.alternate_flip": BOOL,
     "data.augment.randaugment_num_ops": INT_GE0,
     "data.augment.randaugment_magnitude": (lambda v: _is_int(v) and 0 <= v <= 30, "an integer in [0, 30]"),
     "data.augment.random_erasing": PROBABILITY,

@@ -24,7 +24,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
@@ -41,7 +41,9 @@ AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 
 
 class TensorImageDataset(Dataset):
-    """uint8 images (N, C, H, W) and labels (N,) in memory, with an optional per-image transform."""
+    """uint8 images (N, C, H, W) and labels (N,) in memory, with an optional per-image transform.
+
+    An index is an int, or an (int, flip) pair from `AlternatingFlipSampler`: flipped before the transform."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform | None = None) -> None:
         self.images, self.labels, self.transform = images, labels, transform
@@ -49,11 +51,41 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.images[i]
+    def __getitem__(self, i: int | tuple[int, bool]) -> tuple[torch.Tensor, int]:
+        i, flip = i if isinstance(i, tuple) else (i, False)
+        img = self.images[i].flip(-1) if flip else self.images[i]
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.labels[i])
+
+
+class AlternatingFlipSampler(Sampler[tuple[int, bool]]):
+    """A shuffled pass over `n` images per epoch, each index paired with whether to flip it
+    horizontally: image i is flipped in epoch e when first_flip[i] XOR (e is odd) (airbench's
+    alternating flip). A random half is flipped in epoch 0, and every image is seen both ways in any
+    two consecutive epochs, where an independent coin per epoch shows it the same way twice half the time.
+
+    The order and the first flips depend only on (seed, epoch), so DDP ranks agree (Lightning
+    shards this sampler's output); Lightning calls `set_epoch` at each epoch's start, which also
+    keeps the alternation on resume. Iterated without it, each pass counts as the next epoch.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.first_flip = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5  # (n,) bool
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & 0xFFFF_FFFF_FFFF)  # the same on every rank
+        order = torch.randperm(self.n, generator=g)
+        flips = self.first_flip[order] ^ bool(self.epoch % 2)
+        self.epoch += 1
+        return zip(order.tolist(), flips.tolist())
 
 
 def batch_size(batch: tuple[torch.Tensor, Any]) -> int:
@@ -183,10 +215,12 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
 @dataclass(frozen=True)
 class Augment:
     """Training augmentation (`data.augment.*`). Every field is off by default: the recipes live
-    in the YAML configs, not here. `on_batch` moves crop + flip from the loader to whole batches."""
+    in the YAML configs, not here. `on_batch` moves crop + flip from the loader to whole batches;
+    `alternate_flip` (with `hflip`) replaces the random flip by `AlternatingFlipSampler`'s."""
 
     crop_padding: int = 0
     hflip: bool = False
+    alternate_flip: bool = False
     auto_augment: str = "none"  # none | randaugment | trivialaugment
     randaugment_num_ops: int = 2  # torchvision's RandAugment defaults
     randaugment_magnitude: int = 9
@@ -209,7 +243,7 @@ def build_train_transform(img_size: Sequence[int], augment: Augment) -> v2.Trans
     ops: list[v2.Transform] = []
     if a.crop_padding and not a.on_batch:
         ops.append(v2.RandomCrop(list(img_size), padding=a.crop_padding, padding_mode="reflect"))
-    if a.hflip and not a.on_batch:
+    if a.hflip and not a.on_batch and not a.alternate_flip:
         ops.append(v2.RandomHorizontalFlip())
     if a.auto_augment == "randaugment":
         ops.append(v2.RandAugment(num_ops=a.randaugment_num_ops, magnitude=a.randaugment_magnitude))
@@ -292,7 +326,8 @@ class BatchPipeline:
             padding = self.augment.crop_padding
             if self.crop_padding_schedule:
                 padding = int(value_at(fraction, self.crop_padding_schedule))
-            images = random_crop_flip(images, padding, self.augment.hflip)
+            # An alternating flip was applied per image by the loader (AlternatingFlipSampler).
+            images = random_crop_flip(images, padding, self.augment.hflip and not self.augment.alternate_flip)
         x = images.float()  # 0-255
         if self.img_size_schedule:
             size = img_size_at(fraction, self.img_size_schedule)
@@ -356,6 +391,8 @@ class ImageDataModule(L.LightningDataModule):
         self.mean = list(mean) if mean is not None else (list(CIFAR10_MEAN) if name == "cifar10" else None)
         self.std = list(std) if std is not None else (list(CIFAR10_STD) if name == "cifar10" else None)
         self.augment = augment if isinstance(augment, Augment) else Augment(**(augment or {}))
+        if self.augment.alternate_flip and not self.augment.hflip:
+            raise ConfigError("data.augment.alternate_flip=true needs data.augment.hflip=true (it is a way to flip)")
         self.mix = dict(mix or {})
         self.img_size_schedule = parse_img_size_schedule(img_size_schedule)
         self.crop_padding_schedule = parse_crop_padding_schedule(crop_padding_schedule)
@@ -451,10 +488,13 @@ class ImageDataModule(L.LightningDataModule):
             self.test_set = TensorImageDataset(images, labels)
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        # A training sampler of our own only for the alternating flip; otherwise DataLoader's shuffle.
+        sampler = AlternatingFlipSampler(len(ds), self.seed) if train and self.augment.alternate_flip else None
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train and len(ds) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
