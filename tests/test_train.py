@@ -367,6 +367,7 @@ def test_img_size_schedule_trains_small_then_full_size_and_validates_at_full_siz
             "paddings [40] must be below 32",
         ),
         (["data.augment.on_batch=true", "data.crop_padding_schedule=[[0,-2]]"], "non-negative integer paddings"),
+        (["data.augment.hflip=false", "data.augment.alternate_flip=true"], "alternate_flip=true needs"),
     ],
 )
 def test_bad_schedule_overrides_fail_before_any_data_is_read(tmp_path, overrides, message):
