@@ -227,6 +227,11 @@ class Augment:
     random_erasing: float = 0.0
     on_batch: bool = False
 
+    @property
+    def random_flip(self) -> bool:
+        """A coin per image per epoch (the loader's or the batch's); the alternating flip is the sampler's."""
+        return self.hflip and not self.alternate_flip
+
 
 def build_train_transform(img_size: Sequence[int], augment: Augment) -> v2.Transform | None:
     """The per-image part of training augmentation, on uint8 tensors (None: nothing to do).
@@ -243,7 +248,7 @@ def build_train_transform(img_size: Sequence[int], augment: Augment) -> v2.Trans
     ops: list[v2.Transform] = []
     if a.crop_padding and not a.on_batch:
         ops.append(v2.RandomCrop(list(img_size), padding=a.crop_padding, padding_mode="reflect"))
-    if a.hflip and not a.on_batch and not a.alternate_flip:
+    if a.random_flip and not a.on_batch:
         ops.append(v2.RandomHorizontalFlip())
     if a.auto_augment == "randaugment":
         ops.append(v2.RandAugment(num_ops=a.randaugment_num_ops, magnitude=a.randaugment_magnitude))
@@ -326,8 +331,7 @@ class BatchPipeline:
             padding = self.augment.crop_padding
             if self.crop_padding_schedule:
                 padding = int(value_at(fraction, self.crop_padding_schedule))
-            # An alternating flip was applied per image by the loader (AlternatingFlipSampler).
-            images = random_crop_flip(images, padding, self.augment.hflip and not self.augment.alternate_flip)
+            images = random_crop_flip(images, padding, self.augment.random_flip)
         x = images.float()  # 0-255
         if self.img_size_schedule:
             size = img_size_at(fraction, self.img_size_schedule)
