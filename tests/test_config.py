@@ -48,6 +48,7 @@ BAD = [
     ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches=1.5"),
     ("trainer.max_time=30min", "trainer.max_time='30min'"),
     ("trainer.max_epochs=-1", "trainer.max_epochs=-1 and trainer.max_steps=-1"),
+    ("test_tta=crops", "test_tta='crops' is out of range: it must be false, true (hflip) or one of"),
 ]
 
 
@@ -103,6 +104,7 @@ def test_tool_options_are_checked_before_the_checkpoint_is_read(module, args, me
     "config_name, override, message",
     [
         ("eval", "num_bins=0", "num_bins=0 is out of range: it must be an integer >= 1"),
+        ("eval", "tta=5crop", "tta='5crop' is out of range: it must be false, true (hflip) or one of"),
         ("attention", "num_images=0", "num_images=0 is out of range: it must be an integer >= 1"),
         ("attention", "discard_ratio=-0.5", "discard_ratio=-0.5 is out of range"),
         ("predict", "topk=0", "topk=0 is out of range: it must be an integer >= 1"),

@@ -16,7 +16,6 @@ from tests.conftest import FAST, TINY_MODEL, as_written_before_the_redesign, cli
 from vit.checkpoint import load_checkpoint
 from vit.errors import CheckpointError
 from vit.evaluate import compute_metrics, reliability
-from vit.module import flip_tta
 
 
 def test_compute_metrics_matches_direct_computation():
@@ -77,6 +76,7 @@ def test_eval_reproduces_the_runs_test_accuracy(trained_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     tta = json.loads((tmp_path / "tta" / "metrics.json").read_text())
     assert tta["tta"] == "hflip" and 0 <= tta["top1"] <= 1 and 0 <= tta["top1_without_tta"] <= 1
+    assert tta["top1_without_tta"] == json.loads((tmp_path / "ev" / "metrics.json").read_text())["top1"]
 
 
 @pytest.mark.slow
@@ -232,11 +232,3 @@ def test_checkpoints_in_the_earlier_layout_load_in_every_tool(trained_run, tmp_p
     train(compose_train([*overrides, *TINY_MODEL, *FAST, f"ckpt_path={old}", "test=false"], tmp_path / "resumed"))
     resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["epoch"] == 3 and resumed["global_step"] > raw["global_step"]
-
-
-def test_flip_tta_averages_the_two_distributions():
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
-    out = flip_tta(a, b)
-    torch.testing.assert_close(out.softmax(1), (a.softmax(1) + b.softmax(1)) / 2)
-    torch.testing.assert_close(flip_tta(a, a).softmax(1), a.softmax(1))  # a mirror-symmetric image: unchanged

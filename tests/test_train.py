@@ -101,18 +101,18 @@ def test_preset_trains_a_batch(preset, tmp_path, monkeypatch):
     overrides += [f"trainer.limit_{s}_batches=1" for s in ("train", "val", "test")]
     metrics = train(compose_train(overrides, tmp_path / "run"))
     assert math.isfinite(metrics["train/loss_epoch"]) and 0 <= metrics["test/acc"] <= 1
-    if preset == "cpu_30min":  # its final test reports accuracy with and without flip TTA
+    if preset == "cpu_30min":  # its final test reports accuracy with and without TTA
         assert 0 <= metrics["test/acc_tta"] <= 1
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_the_newcomers_first_command_is_the_cpu_preset_on_torchvision_cifar10(tmp_path):
     # README's first command, `vit-train experiment=cpu_30min`, needs no other value: torchvision's
-    # CIFAR-10 (downloaded into data/cifar10), its test split scored with and without flip TTA.
+    # CIFAR-10 (downloaded into data/cifar10), its test split scored with and without 10-view TTA.
     cfg = compose_train(["experiment=cpu_30min"], tmp_path)
     assert OmegaConf.missing_keys({k: cfg[k] for k in cfg if k != "hydra"}) == set()
     assert (cfg.data.name, cfg.data.root, cfg.data.download) == ("cifar10", "data/cifar10", True)
-    assert cfg.test and cfg.test_tta and cfg.trainer.max_time == "00:00:30:00"
+    assert cfg.test and cfg.test_tta == "hflip_translate" and cfg.trainer.max_time == "00:00:30:00"
     assert cfg.model.weight_init == "mimetic" and cfg.model.whiten_patches  # measured better in 30 minutes (README)
     assert cfg.model.mlp_ratio == 2.0  # more steps in the 30 minutes than ratio 4 or 3, measured better (README)
     assert cfg.trainer.max_epochs == 100  # the 30 minutes, not an epoch bound, lead the schedules (README)
@@ -121,17 +121,15 @@ def test_the_newcomers_first_command_is_the_cpu_preset_on_torchvision_cifar10(tm
     assert "&& vit-train experiment=cpu_30min\n" in readme
 
 
-def test_the_final_test_reports_accuracy_with_and_without_flip_tta(folder_data, tmp_path):
+def test_the_final_test_reports_accuracy_with_and_without_tta(folder_data, tmp_path):
     from vit.evaluate import predict_logits
-    from vit.module import flip_tta
 
-    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=1", "test_tta=true"]
-    metrics = train(compose_train([*overrides, *TINY_MODEL, *FAST], tmp_path))
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=1"]
+    metrics = train(compose_train([*overrides, *TINY_MODEL, *FAST, "test_tta=hflip_translate"], tmp_path))
     # The same numbers from the best checkpoint, computed apart from the Trainer.
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     images, labels = ImageDataModule(name="folder", root=str(folder_data), img_size=16)._load(train=False)[:2]
-    plain = predict_logits(ckpt, images, 64, torch.device("cpu"))
-    tta = flip_tta(plain, predict_logits(ckpt, images, 64, torch.device("cpu"), flip=True))
+    plain, tta = predict_logits(ckpt, images, 64, torch.device("cpu"), "hflip_translate")
     assert metrics["test/acc"] == pytest.approx((plain.argmax(1) == labels).float().mean().item())
     assert metrics["test/acc_tta"] == pytest.approx((tta.argmax(1) == labels).float().mean().item())
 

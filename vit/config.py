@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vit.errors import ConfigError
 from vit.schedule import LR_DECAYS, parse_crop_padding_schedule, parse_depth_schedule, parse_img_size_schedule
+from vit.tta import TTA_MODES
 
 # The Hydra configs: installed beside this module as vit/conf by a regular or wheel install; in an
 # editable install (or a checkout on PYTHONPATH), the repository's top-level conf/.
@@ -43,6 +44,10 @@ NON_NEGATIVE: Rule = (lambda v: _is_num(v) and v >= 0, "a number >= 0")
 PROBABILITY: Rule = (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
 RATE: Rule = (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
 BOOL: Rule = (lambda v: isinstance(v, bool), "true or false")
+TTA: Rule = (
+    lambda v: v is None or isinstance(v, bool) or v in TTA_MODES,
+    f"false, true (hflip) or one of {list(TTA_MODES)}",
+)
 STEPS_OR_OFF: Rule = (lambda v: _is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or an integer >= 1")
 BATCH_LIMIT: Rule = (
     lambda v: (_is_int(v) and v >= 0) or (_is_num(v) and 0 <= v <= 1),
@@ -60,6 +65,7 @@ def _sequence(n: int, rule: Rule) -> Rule:
 
 TRAIN_RULES: dict[str, Rule] = {
     "seed": (_is_int, "an integer"),
+    "test_tta": TTA,
     "data.img_size": _optional(INT_GE1),
     "data.val_size": INT_GE0,
     "data.batch_size": INT_GE1,
@@ -124,6 +130,7 @@ TRAIN_RULES: dict[str, Rule] = {
 
 EVAL_RULES: dict[str, Rule] = {
     "batch_size": INT_GE1,
+    "tta": TTA,
     "num_bins": INT_GE1,
     "num_images": INT_GE1,
     "discard_ratio": RATE,

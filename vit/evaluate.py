@@ -24,8 +24,8 @@ from vit.cli import hydra_cli
 from vit.config import EVAL_RULES, check_rules
 from vit.data import ImageDataModule
 from vit.errors import ConfigError, DataError
-from vit.module import flip_tta
 from vit.outputs import plt, save_figure, write_atomic
+from vit.tta import tta_logits, tta_mode
 
 log = logging.getLogger("vit")
 
@@ -72,16 +72,20 @@ def build_eval_data(ckpt: Checkpoint, data_cfg: dict[str, Any] | None, split: st
 
 @torch.inference_mode()
 def predict_logits(
-    ckpt: Checkpoint, images: torch.Tensor, batch_size: int, device: torch.device, flip: bool = False
-) -> torch.Tensor:
+    ckpt: Checkpoint, images: torch.Tensor, batch_size: int, device: torch.device, tta: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (N, K) for uint8 images (N, C, H, W), normalized as the checkpoint records, in
-    batches; with `flip`, of the horizontally flipped images."""
+    batches; with a `tta` mode (vit.tta), also the test-time-augmented log-probabilities (N, K),
+    which reuse the plain forward pass."""
     model = ckpt.model.to(device).eval()
-    out = []
+    plain, augmented = [], []
     for i in range(0, len(images), batch_size):
         x = ckpt.normalize(images[i : i + batch_size].to(device))
-        out.append(model(x.flip(-1) if flip else x).float().cpu())
-    return torch.cat(out)
+        logits = model(x)
+        plain.append(logits.float().cpu())
+        if tta:
+            augmented.append(tta_logits(model, x, tta, logits).cpu())
+    return torch.cat(plain), torch.cat(augmented) if tta else None
 
 
 def reliability(probs: torch.Tensor, labels: torch.Tensor, num_bins: int) -> dict[str, Any]:
@@ -171,12 +175,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None
     dm = build_eval_data(ckpt, data_cfg, cfg.split)
     ds = dm.test_set if cfg.split == "test" else dm.val_set
-    logits = predict_logits(ckpt, ds.images, cfg.batch_size, device)
+    tta = tta_mode(cfg.get("tta"))
+    logits, augmented = predict_logits(ckpt, ds.images, cfg.batch_size, device, tta)
     plain = compute_metrics(logits, ds.labels, ckpt.class_names, cfg.num_bins)
-    if cfg.get("tta"):  # report both: with the flip averaged in, and without
-        logits = flip_tta(logits, predict_logits(ckpt, ds.images, cfg.batch_size, device, flip=True))
-        metrics = compute_metrics(logits, ds.labels, ckpt.class_names, cfg.num_bins)
-        metrics.update(tta="hflip", top1_without_tta=plain["top1"], top5_without_tta=plain["top5"])
+    if tta:  # report both: with the views averaged in, and without
+        metrics = compute_metrics(augmented, ds.labels, ckpt.class_names, cfg.num_bins)
+        metrics.update(tta=tta, top1_without_tta=plain["top1"], top5_without_tta=plain["top5"])
     else:
         metrics = dict(plain, tta=None)
     metrics.update(ckpt_path=os.path.abspath(cfg.ckpt_path), split=cfg.split, dataset=dm.name, root=dm.root)

@@ -21,6 +21,7 @@ from vit.errors import DivergedError
 from vit.model import VisionTransformer, zero_residuals_
 from vit.optim import build_optimizer
 from vit.schedule import RunClock, lr_factor, parse_depth_schedule, parse_patch_drop_schedule, value_at
+from vit.tta import tta_logits
 
 
 def compile_static(net: torch.nn.Module) -> torch.nn.Module:
@@ -36,12 +37,6 @@ def compile_static(net: torch.nn.Module) -> torch.nn.Module:
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     return torch.compile(net, dynamic=False)
-
-
-def flip_tta(logits: torch.Tensor, flipped_logits: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation: the mean of the two predicted distributions (image and its mirror
-    image), returned as log-probabilities, so that softmax gives the averaged distribution."""
-    return ((logits.softmax(dim=1) + flipped_logits.softmax(dim=1)) / 2).log()
 
 
 class ViTClassifier(L.LightningModule):
@@ -87,8 +82,8 @@ class ViTClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.test_acc_tta = MulticlassAccuracy(num_classes=k, average="micro")
-        # True: the test also reports test/acc_tta, with flip test-time augmentation (vit-train's test_tta).
-        self.test_tta = False
+        # A vit.tta mode ("hflip", "hflip_translate"): the test also reports test/acc_tta (vit-train's test_tta).
+        self.test_tta: str | None = None
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
@@ -162,9 +157,9 @@ class ViTClassifier(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         logits = self._eval_step(batch, "test")
-        if self.test_tta:  # test/acc stays the plain accuracy; test/acc_tta adds the mirror image
+        if self.test_tta:  # test/acc stays the plain accuracy; test/acc_tta averages the TTA views
             x, y = batch
-            self.test_acc_tta(flip_tta(logits, self(x.flip(-1))), y)
+            self.test_acc_tta(tta_logits(self, x, self.test_tta, logits), y)
             self.log("test/acc_tta", self.test_acc_tta, on_epoch=True, prog_bar=True)
 
     # -- optimization ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ from vit.errors import CheckpointError, ConfigError, VitError
 from vit.model import VisionTransformer, whiten_patch_embed_
 from vit.module import ViTClassifier
 from vit.pretrained import load_timm_weights
+from vit.tta import tta_mode
 
 log = logging.getLogger("vit")
 
@@ -147,7 +148,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
     if cfg.get("test") and dm.has_test and not trainer.fast_dev_run:
-        module.test_tta = bool(cfg.get("test_tta"))
+        module.test_tta = tta_mode(cfg.get("test_tta"), "test_tta")
         results = trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in results[0].items()})
 
