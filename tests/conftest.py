@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,28 @@ def cli_env() -> dict[str, str]:
 
 def run_module(module: str, args: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
     """`python -m module args...` in cwd, as a user would run it; output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env()
-    )
+    [r] = run_all([module_cmd(module, args)], cwd, timeout)
+    return r
+
+
+def module_cmd(module: str, args: list[str]) -> list[str]:
+    """The command line of `python -m module args...` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def run_all(
+    cmds: list[list[str]], cwd: Path, timeout: int = 400, env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess]:
+    """Independent commands run at once, results in their order. Most of a CLI test's seconds are
+    one core importing torch, Lightning and timm: two such processes side by side take about the
+    time of one on two cores. Commands that share a path must not run together."""
+    env = cli_env() if env is None else env
+
+    def run(cmd: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+    with ThreadPoolExecutor(max_workers=len(cmds)) as pool:
+        return list(pool.map(run, cmds))
 
 
 @pytest.fixture(scope="session")

@@ -7,22 +7,16 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, run_all
 
 
-def _script(script: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, f"scripts/{script}", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=cli_env(),
-    )
+def _scripts(script: str, *arg_lists: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """scripts/<script> once per argument list, the runs side by side."""
+    return run_all([[sys.executable, f"scripts/{script}", *args] for args in arg_lists], REPO, timeout)
 
 
-def _benchmark(args: list[str]) -> subprocess.CompletedProcess:
-    return _script("benchmark.py", args)
+def _benchmark(*arg_lists: list[str]) -> list[subprocess.CompletedProcess]:
+    return _scripts("benchmark.py", *arg_lists)
 
 
 def _load_benchmark():
@@ -55,7 +49,7 @@ def test_benchmark_runs_and_counts_fewer_flops_for_our_class_token_forward(tmp_p
         "--json",
         str(out),
     ]
-    r = _benchmark(args)
+    [r] = _benchmark(args)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     rows = {row["model"]: row for row in result["rows"]}
@@ -76,7 +70,9 @@ def test_loop_mode_times_vit_trains_step_against_a_bare_loop(folder_data, tmp_pa
     args += ["--rounds", "2", "--json", str(out)]
     for o in ["data.val_size=30", "data.batch_size=16", "trainer.max_epochs=-1", *model]:
         args += ["--override", o]
-    r = _benchmark(args)
+    # Without data the loop cannot be measured: a clear message, exit 1.
+    r, refused = _benchmark(args, ["--loop"])
+    assert refused.returncode == 1 and "--loop needs --data-root" in refused.stderr
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["img_size"] == 8 and result["batch_size"] == 16 and result["rounds"] == 2
@@ -84,9 +80,6 @@ def test_loop_mode_times_vit_trains_step_against_a_bare_loop(folder_data, tmp_pa
     m = result["median_img_s"]
     assert result["ratio"] == m["vit-train"] / m["bare"] > 0
     assert f"{result['ratio']:.3f}x" in r.stdout
-    # Without data the loop cannot be measured: a clear message, exit 1.
-    r = _benchmark(["--loop"])
-    assert r.returncode == 1 and "--loop needs --data-root" in r.stderr
 
 
 def test_loader_mode_times_the_experiments_training_loader_per_worker_count(folder_data, tmp_path):
@@ -96,14 +89,13 @@ def test_loader_mode_times_the_experiments_training_loader_per_worker_count(fold
     args += ["--loop-steps", "6", "--loop-skip", "1", "--json", str(out)]
     for o in ["data.val_size=10", "data.batch_size=8"]:
         args += ["--override", o]
-    r = _benchmark(args)
+    r, refused = _benchmark(args, ["--loader"])
+    assert refused.returncode == 1 and "--loader needs --data-root" in refused.stderr
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["experiment"] == "cifar10_best" and result["batch_size"] == 8 and result["batches"] == 6
     assert set(result["img_s_by_workers"]) == {"0", "1"} and min(result["img_s_by_workers"].values()) > 0
     assert "cifar10_best's training loader, batch 8, 1 workers:" in r.stdout
-    r = _benchmark(["--loader"])
-    assert r.returncode == 1 and "--loader needs --data-root" in r.stderr
 
 
 def test_variant_mode_times_the_experiments_model_against_a_changed_copy(tmp_path):
@@ -112,7 +104,7 @@ def test_variant_mode_times_the_experiments_model_against_a_changed_copy(tmp_pat
     args += ["--rounds", "2", "--steps", "1", "--warmup", "0", "--json", str(out)]
     for o in ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]:
         args += ["--override", o]
-    r = _benchmark(args)
+    [r] = _benchmark(args)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["experiment"] == "cpu_30min" and result["img_size"] == 8 and result["batch_size"] == 4
@@ -142,8 +134,8 @@ def test_data_pipeline_rate_runs_past_the_end_of_an_epoch():
     assert benchmark.data_pipeline_rate(None, batch_size=8, num_workers=0, batches=5, num_images=20) > 0
 
 
-def _plot(args: list[str]) -> subprocess.CompletedProcess:
-    return _script("plot_time_to_accuracy.py", args, timeout=120)
+def _plot(*arg_lists: list[str]) -> list[subprocess.CompletedProcess]:
+    return _scripts("plot_time_to_accuracy.py", *arg_lists, timeout=120)
 
 
 def test_time_to_accuracy_plot_draws_runs_and_the_timm_loop_with_their_steps(tmp_path):
@@ -156,7 +148,7 @@ def test_time_to_accuracy_plot_draws_runs_and_the_timm_loop_with_their_steps(tmp
     timm = tmp_path / "timm.csv"
     timm.write_text("epochs,step,minutes,val_acc\n1.0,351,6.4,0.3576\n1.5,520,9.0,0.41\n")
     out = tmp_path / "fig.png"
-    proc = _plot([str(out), "--run", f"ours={tmp_path / 'run'}", "--csv", f"timm={timm}"])
+    [proc] = _plot([str(out), "--run", f"ours={tmp_path / 'run'}", "--csv", f"timm={timm}"])
     assert proc.returncode == 0, proc.stderr
     assert "ours 1.5min/99:40.00% 3.0min/199:55.00%" in proc.stdout
     assert "timm 6.4min/351:35.76% 9.0min/520:41.00%" in proc.stdout
@@ -166,12 +158,14 @@ def test_time_to_accuracy_plot_draws_runs_and_the_timm_loop_with_their_steps(tmp
 def test_time_to_accuracy_plot_refuses_a_run_or_csv_without_validation(tmp_path):
     (tmp_path / "run" / "csv").mkdir(parents=True)
     (tmp_path / "run" / "csv" / "metrics.csv").write_text("step,train/loss_step\n10,2.1\n")
-    proc = _plot([str(tmp_path / "fig.png"), "--run", f"ours={tmp_path / 'run'}"])
-    assert proc.returncode != 0 and "has no val/acc" in proc.stderr
-    assert not (tmp_path / "fig.png").exists()
-    proc = _plot([str(tmp_path / "fig.png"), "--run", f"ours={tmp_path / 'nothing'}"])
-    assert proc.returncode != 0 and "not found" in proc.stderr
     (tmp_path / "timm.csv").write_text("epochs,step,minutes,val_acc\n")
-    proc = _plot([str(tmp_path / "fig.png"), "--csv", f"timm={tmp_path / 'timm.csv'}"])
-    assert proc.returncode != 0 and "has no evaluations" in proc.stderr
+    fig = str(tmp_path / "fig.png")
+    no_val, missing, no_evals = _plot(
+        [fig, "--run", f"ours={tmp_path / 'run'}"],
+        [fig, "--run", f"ours={tmp_path / 'nothing'}"],
+        [fig, "--csv", f"timm={tmp_path / 'timm.csv'}"],
+    )
+    assert no_val.returncode != 0 and "has no val/acc" in no_val.stderr
+    assert missing.returncode != 0 and "not found" in missing.stderr
+    assert no_evals.returncode != 0 and "has no evaluations" in no_evals.stderr
     assert not (tmp_path / "fig.png").exists()

@@ -8,38 +8,41 @@ import textwrap
 
 import pytest
 
-from tests.conftest import FAST, TINY_MODEL, cli_env, run_module
+from tests.conftest import FAST, TINY_MODEL, run_all, run_module
 
 SWEEP = ["data.img_size=16", "trainer=debug", "test=false", *TINY_MODEL, *FAST]
 
 
-def _script(tmp_path, body: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "tool.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            from vit.cli import hydra_cli
-            from vit.errors import DataError
+def _scripts(tmp_path, *bodies: str) -> list[subprocess.CompletedProcess]:
+    """Each body as the task of a Hydra CLI built with vit.cli.hydra_cli, run in its own process."""
+    cmds = []
+    for i, body in enumerate(bodies):
+        script = tmp_path / f"tool{i}.py"
+        script.write_text(
+            textwrap.dedent(
+                """
+                from vit.cli import hydra_cli
+                from vit.errors import DataError
 
-            def task(cfg):
-            {body}
+                def task(cfg):
+                {body}
 
-            hydra_cli(task, config_name="predict")()
-            """
-        ).format(body=textwrap.indent(body, "    "))
-    )
-    cmd = [sys.executable, str(script), "ckpt_path=x", "hydra.run.dir=out"]
-    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=cli_env(), timeout=120)
+                hydra_cli(task, config_name="predict")()
+                """
+            ).format(body=textwrap.indent(body, "    "))
+        )
+        cmds.append([sys.executable, str(script), "ckpt_path=x", f"hydra.run.dir=out{i}"])
+    return run_all(cmds, tmp_path, timeout=120)
 
 
 def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path):
-    r = _script(tmp_path, "raise DataError('the folder is empty; add images')")
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == "error: the folder is empty; add images"
-    assert "Traceback" not in r.stderr
-    r = _script(tmp_path, "raise KeyError('a bug')")
-    assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError: 'a bug'" in r.stderr
-    r = _script(tmp_path, "print('fine')")
-    assert r.returncode == 0 and "fine" in r.stdout
+    user, bug, fine = _scripts(
+        tmp_path, "raise DataError('the folder is empty; add images')", "raise KeyError('a bug')", "print('fine')"
+    )
+    assert user.returncode == 1 and user.stderr.strip().splitlines()[-1] == "error: the folder is empty; add images"
+    assert "Traceback" not in user.stderr
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'a bug'" in bug.stderr
+    assert fine.returncode == 0 and "fine" in fine.stdout
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from tests.conftest import FAST, TINY_MODEL, compose_train, run_module
+from tests.conftest import FAST, TINY_MODEL, compose_train, module_cmd, run_all, run_module
 from vit.config import EVAL_RULES, check_rules, check_train_config
 from vit.errors import CheckpointError, ConfigError, DataError, DivergedError, ExportError, VitError
 
@@ -86,18 +86,25 @@ def test_an_out_of_range_value_stops_the_cli_before_any_data_is_read(tmp_path):
     assert "does not exist" not in r.stderr  # the data was never looked at
 
 
-@pytest.mark.parametrize(
-    "module, args, message",
-    [
-        ("vit.evaluate", ["batch_size=0"], "batch_size=0 is out of range"),
-        ("vit.evaluate", ["split=train"], "split='train' must be 'test' or 'val'"),
-        ("vit.attention", ["discard_ratio=1.5"], "discard_ratio=1.5 is out of range"),
-        ("vit.attention", ["head_fusion=median"], "head_fusion='median' must be one of"),
-    ],
-)
-def test_tool_options_are_checked_before_the_checkpoint_is_read(module, args, message, tmp_path):
-    r = run_module(module, ["ckpt_path=/no/such.ckpt", "hydra.run.dir=out", *args], tmp_path)
-    assert r.returncode == 1 and f"error: {message}" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+TOOL_OPTIONS = [
+    ("vit.evaluate", ["batch_size=0"], "batch_size=0 is out of range"),
+    ("vit.evaluate", ["split=train"], "split='train' must be 'test' or 'val'"),
+    ("vit.attention", ["discard_ratio=1.5"], "discard_ratio=1.5 is out of range"),
+    ("vit.attention", ["head_fusion=median"], "head_fusion='median' must be one of"),
+]
+
+
+def test_tool_options_are_checked_before_the_checkpoint_is_read(tmp_path):
+    cmds = [
+        module_cmd(module, ["ckpt_path=/no/such.ckpt", f"hydra.run.dir=out{i}", *args])
+        for i, (module, args, _) in enumerate(TOOL_OPTIONS)
+    ]
+    for (module, args, message), r in zip(TOOL_OPTIONS, run_all(cmds, tmp_path), strict=True):
+        assert r.returncode == 1 and f"error: {message}" in r.stderr and "Traceback" not in r.stderr, (
+            module,
+            args,
+            r.stderr[-2000:],
+        )
 
 
 @pytest.mark.parametrize(
@@ -126,8 +133,13 @@ def test_the_projects_errors_share_one_base_class():
 
 def test_a_run_prints_its_resolved_config_as_a_tree_unless_told_not_to(tmp_path):
     args = ["data=folder", "data.root=/does/not/exist", *TINY_MODEL, *FAST, "optim.lr=-1"]
-    shown = run_module("vit.train", args, tmp_path)
+    shown, quiet = run_all(
+        [
+            module_cmd("vit.train", [*args, "hydra.run.dir=shown"]),
+            module_cmd("vit.train", [*args, "print_config=false"]),
+        ],
+        tmp_path,
+    )
     assert "optim" in shown.stdout and "lr: -1" in shown.stdout and "embed_dim: 32" in shown.stdout
     assert shown.returncode == 1 and "error: optim.lr=-1 is out of range" in shown.stderr
-    quiet = run_module("vit.train", [*args, "print_config=false"], tmp_path)
     assert "embed_dim" not in quiet.stdout and quiet.returncode == 1

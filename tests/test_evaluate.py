@@ -3,8 +3,6 @@ round trip through the CLIs, and bad input (one message, exit 1, no output that 
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 import torchvision
 from torchmetrics.classification import MulticlassCalibrationError
 
-from tests.conftest import FAST, TINY_MODEL, as_written_before_the_redesign, cli_env, compose_train, run_module
+from tests.conftest import FAST, TINY_MODEL, as_written_before_the_redesign, compose_train, module_cmd, run_all
 from vit.checkpoint import load_checkpoint
 from vit.errors import CheckpointError
 from vit.evaluate import compute_metrics, reliability
@@ -51,7 +49,17 @@ def test_compute_metrics_matches_direct_computation():
 def test_eval_reproduces_the_runs_test_accuracy(trained_run, tmp_path):
     rows = list(csv.DictReader(open(trained_run / "csv" / "metrics.csv")))
     test_acc = float(next(r["test/acc"] for r in rows if r.get("test/acc")))
-    r = run_module("vit.evaluate", [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "hydra.run.dir=eval"], tmp_path)
+    best = f"ckpt_path={trained_run}/checkpoints/best.ckpt"
+    # The test split; the val split, rebuilt from what the checkpoint recorded (same size as in
+    # training); the val split with test-time augmentation.
+    r, val, with_tta = run_all(
+        [
+            module_cmd("vit.evaluate", [best, "hydra.run.dir=eval"]),
+            module_cmd("vit.evaluate", [best, "split=val", "hydra.run.dir=ev"]),
+            module_cmd("vit.evaluate", [best, "split=val", "tta=true", "hydra.run.dir=tta"]),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["top1"] == pytest.approx(test_acc, abs=1e-3)
@@ -61,19 +69,10 @@ def test_eval_reproduces_the_runs_test_accuracy(trained_run, tmp_path):
     for png in ("confusion_matrix.png", "reliability.png"):
         assert (tmp_path / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     assert "top1" in r.stdout
-    # The val split is rebuilt from what the checkpoint recorded (same size as in training).
-    r = run_module(
-        "vit.evaluate", [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "split=val", "hydra.run.dir=ev"], tmp_path
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert val.returncode == 0, val.stderr[-3000:]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_samples"] == 30
     # With test-time augmentation both accuracies are reported.
-    r = run_module(
-        "vit.evaluate",
-        [f"ckpt_path={trained_run}/checkpoints/best.ckpt", "split=val", "tta=true", "hydra.run.dir=tta"],
-        tmp_path,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert with_tta.returncode == 0, with_tta.stderr[-3000:]
     tta = json.loads((tmp_path / "tta" / "metrics.json").read_text())
     assert tta["tta"] == "hflip" and 0 <= tta["top1"] <= 1 and 0 <= tta["top1_without_tta"] <= 1
     assert tta["top1_without_tta"] == json.loads((tmp_path / "ev" / "metrics.json").read_text())["top1"]
@@ -86,17 +85,19 @@ def test_attention_cli_images_and_split(trained_run, tmp_path):
     gray = tmp_path / "gray.png"
     torchvision.io.write_png(torch.randint(0, 255, (1, 16, 16), dtype=torch.uint8), str(gray))
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    r = run_module(
-        "vit.attention", [f"ckpt_path={ckpt}", f"images=[{big},{gray}]", "gradient=true", "hydra.run.dir=a"], tmp_path
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    on_files = [f"ckpt_path={ckpt}", f"images=[{big},{gray}]", "gradient=true", "hydra.run.dir=a"]
+    on_split = [
+        f"ckpt_path={ckpt}",
+        "split=val",
+        "num_images=2",
+        "head_fusion=max",
+        "discard_ratio=0.5",
+        "hydra.run.dir=b",
+    ]
+    images, split = run_all([module_cmd("vit.attention", on_files), module_cmd("vit.attention", on_split)], tmp_path)
+    assert images.returncode == 0, images.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "a").glob("*.png")) == ["attention_big.png", "attention_gray.png"]
-    r = run_module(
-        "vit.attention",
-        [f"ckpt_path={ckpt}", "split=val", "num_images=2", "head_fusion=max", "discard_ratio=0.5", "hydra.run.dir=b"],
-        tmp_path,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert split.returncode == 0, split.stderr[-3000:]
     assert len(list((tmp_path / "b").glob("attention_val_*.png"))) == 2
 
 
@@ -120,16 +121,23 @@ def _corrupt_checkpoints(trained_run: Path, tmp: Path) -> dict[str, tuple[Path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["missing", "truncated", "text", "mismatched"])
-def test_bad_checkpoints_fail_cleanly(trained_run, tmp_path, kind):
-    path, message = _corrupt_checkpoints(trained_run, tmp_path)[kind]
+def test_bad_checkpoints_fail_cleanly(trained_run, tmp_path):
     # Every tool reads checkpoints through vit.checkpoint; vit-attention is checked once as well.
-    modules = ["vit.evaluate", "vit.attention"] if kind == "truncated" else ["vit.evaluate"]
-    for module in modules:
-        r = run_module(module, [f"ckpt_path={path}", "hydra.run.dir=out", "split=val"], tmp_path)
-        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (module, r.stderr[-2000:])
-        assert not list((tmp_path / "out").glob("*.png"))
-        assert not (tmp_path / "out" / "metrics.json").exists()
+    bad = _corrupt_checkpoints(trained_run, tmp_path)
+    cases = [(kind, "vit.evaluate", path, message) for kind, (path, message) in bad.items()]
+    cases.append(("truncated", "vit.attention", *bad["truncated"]))
+    cmds = [
+        module_cmd(module, [f"ckpt_path={path}", f"hydra.run.dir=out{i}", "split=val"])
+        for i, (_, module, path, _) in enumerate(cases)
+    ]
+    for i, ((kind, module, _, message), r) in enumerate(zip(cases, run_all(cmds, tmp_path), strict=True)):
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (
+            kind,
+            module,
+            r.stderr[-2000:],
+        )
+        assert not list((tmp_path / f"out{i}").glob("*.png"))
+        assert not (tmp_path / f"out{i}" / "metrics.json").exists()
 
 
 @pytest.mark.slow
@@ -139,10 +147,14 @@ def test_bad_images_fail_before_any_figure(trained_run, tmp_path):
     torchvision.io.write_png(torch.zeros(3, 16, 16, dtype=torch.uint8), str(good))
     notimg = tmp_path / "notes.png"
     notimg.write_text("hello")
-    for bad, message in ((tmp_path / "missing.png", "image not found"), (notimg, "cannot decode image")):
-        r = run_module("vit.attention", [f"ckpt_path={ckpt}", f"images=[{good},{bad}]", "hydra.run.dir=out"], tmp_path)
+    cases = [(tmp_path / "missing.png", "image not found"), (notimg, "cannot decode image")]
+    cmds = [
+        module_cmd("vit.attention", [f"ckpt_path={ckpt}", f"images=[{good},{bad}]", f"hydra.run.dir=out{i}"])
+        for i, (bad, _) in enumerate(cases)
+    ]
+    for i, ((_, message), r) in enumerate(zip(cases, run_all(cmds, tmp_path), strict=True)):
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert not list((tmp_path / "out").glob("*.png"))
+        assert not list((tmp_path / f"out{i}").glob("*.png"))
 
 
 def test_reliability_diagram_and_ece_come_from_the_same_bins():
@@ -181,9 +193,8 @@ def test_a_checkpoint_without_normalization_is_refused_not_guessed(trained_run, 
     img = tmp_path / "a.png"
     torchvision.io.write_png(torch.zeros(3, 16, 16, dtype=torch.uint8), str(img))
     predict = ["vit-predict", f"ckpt_path={path}", f"images=[{img}]", "hydra.run.dir=p"]
-    evaluate = [sys.executable, "-m", "vit.evaluate", f"ckpt_path={path}", "split=val", "hydra.run.dir=e"]
-    for cmd in (predict, evaluate):
-        r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=cli_env(), timeout=120)
+    evaluate = module_cmd("vit.evaluate", [f"ckpt_path={path}", "split=val", "hydra.run.dir=e"])
+    for r in run_all([predict, evaluate], tmp_path, timeout=120):
         assert r.returncode == 1 and "records no input normalization" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
 
@@ -206,23 +217,22 @@ def test_checkpoints_in_the_earlier_layout_load_in_every_tool(trained_run, tmp_p
     with torch.no_grad():
         assert torch.equal(a.model(a.normalize(x)), b.model(b.normalize(x)))
 
-    r = run_module("vit.evaluate", [f"ckpt_path={old}", "split=val", "hydra.run.dir=ev"], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_samples"] == 30
-    r = run_module("vit.attention", [f"ckpt_path={old}", "split=val", "num_images=1", "hydra.run.dir=at"], tmp_path)
-    assert r.returncode == 0 and len(list((tmp_path / "at").glob("attention_*.png"))) == 1, r.stderr[-3000:]
     img = tmp_path / "a.png"
     torchvision.io.write_png(x[0], str(img))
-    for cmd in (["vit-export", "format=torchscript"], ["vit-predict", f"images=[{img}]"]):
-        r = subprocess.run(
-            [*cmd, f"ckpt_path={old}", f"hydra.run.dir={tmp_path}/{cmd[0]}"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            env=cli_env(),
-            timeout=120,
-        )
-        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+    ev, at, *tools = run_all(
+        [
+            module_cmd("vit.evaluate", [f"ckpt_path={old}", "split=val", "hydra.run.dir=ev"]),
+            module_cmd("vit.attention", [f"ckpt_path={old}", "split=val", "num_images=1", "hydra.run.dir=at"]),
+            ["vit-export", "format=torchscript", f"ckpt_path={old}", "hydra.run.dir=export"],
+            ["vit-predict", f"images=[{img}]", f"ckpt_path={old}", "hydra.run.dir=predict"],
+        ],
+        tmp_path,
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_samples"] == 30
+    assert at.returncode == 0 and len(list((tmp_path / "at").glob("attention_*.png"))) == 1, at.stderr[-3000:]
+    for r in tools:
+        assert r.returncode == 0, (r.args, r.stderr[-2000:])
 
     # Resuming from it is accepted, and training continues from its step.
     from vit.train import train

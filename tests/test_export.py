@@ -1,14 +1,13 @@
 """vit-export (ONNX checked with onnxruntime, TorchScript) and vit-predict."""
 
 import json
-import subprocess
 
 import onnxruntime as ort
 import pytest
 import torch
 import torchvision
 
-from tests.conftest import cli_env
+from tests.conftest import run_all
 from vit.checkpoint import load_checkpoint
 from vit.data import normalize
 from vit.export import export, predict
@@ -54,35 +53,18 @@ def test_predict_resizes_and_ranks(trained_run, tmp_path):
     assert res["top"][0]["label"] == ckpt.class_names[int(expected.argmax())]
 
     out = tmp_path / "preds.json"
-    r = subprocess.run(
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    ckpt_arg = f"ckpt_path={trained_run}/checkpoints/best.ckpt"
+    r, refused = run_all(
         [
-            "vit-predict",
-            f"ckpt_path={trained_run}/checkpoints/best.ckpt",
-            f"images=[{big}]",
-            "topk=1",
-            f"output={out}",
-            f"hydra.run.dir={tmp_path}/p",
+            ["vit-predict", ckpt_arg, f"images=[{big}]", "topk=1", f"output={out}", f"hydra.run.dir={tmp_path}/p"],
+            ["vit-predict", ckpt_arg, f"images=[{bad}]", f"hydra.run.dir={tmp_path}/q"],
         ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
+        tmp_path,
         timeout=120,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(out.read_text())[0]["top"][0]["label"] == res["top"][0]["label"]
     assert "big.png:" in r.stdout
-    bad = tmp_path / "bad.png"
-    bad.write_text("nope")
-    r = subprocess.run(
-        [
-            "vit-predict",
-            f"ckpt_path={trained_run}/checkpoints/best.ckpt",
-            f"images=[{bad}]",
-            f"hydra.run.dir={tmp_path}/q",
-        ],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=120,
-    )
-    assert r.returncode == 1 and "cannot decode image" in r.stderr and "Traceback" not in r.stderr
+    assert refused.returncode == 1 and "cannot decode image" in refused.stderr and "Traceback" not in refused.stderr

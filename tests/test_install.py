@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import FAST, REPO, TINY_MODEL, cli_env, compose_train, run_module
+from tests.conftest import FAST, REPO, TINY_MODEL, cli_env, compose_train, run_all, run_module
 from vit.checkpoint import load_model
 from vit.cli import check_plugins, installed
 from vit.config import check_train_config
@@ -32,16 +32,10 @@ def test_the_wheel_carries_every_config_and_its_clis_compose_from_it(tmp_path):
     env = dict(cli_env(), PYTHONPATH=str(site))  # the installed copy, not the checkout
     work = tmp_path / "elsewhere"
     work.mkdir()
-    where = subprocess.run(
-        [sys.executable, "-c", "import vit.config as c; print(c.CONFIG_DIR)"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    where_cmd = [sys.executable, "-c", "import vit.config as c; print(c.CONFIG_DIR)"]
+    where, *composed = run_all([where_cmd, *([str(site / "bin" / cli), "--cfg", "job"] for cli in CLIS)], work, env=env)
     assert where.stdout.strip() == str(site / "vit" / "conf"), where.stderr
-    for cli in CLIS:
-        r = subprocess.run([str(site / "bin" / cli), "--cfg", "job"], cwd=work, env=env, capture_output=True, text=True)
+    for cli, r in zip(CLIS, composed, strict=True):
         assert r.returncode == 0 and "task_name:" in r.stdout, (cli, r.stderr[-2000:])
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import FAST, TINY_MODEL, compose_train, run_module
+from tests.conftest import FAST, TINY_MODEL, compose_train, module_cmd, run_all
 from vit.attention import attention_figure, attention_maps, rollout
 from vit.model import VisionTransformer, sincos_pos_embed_2d
 from vit.train import train
@@ -107,7 +107,13 @@ def test_registers_attention_callback_views_and_export_on_a_trained_model(folder
     assert len(events.Images("attention/rollout")) == 2
 
     ckpt = run / "checkpoints" / "last.ckpt"
-    r = run_module("vit.views", [f"ckpt_path={ckpt}", "num_images=8", "components=6", "hydra.run.dir=views"], tmp_path)
+    r, att = run_all(
+        [
+            module_cmd("vit.views", [f"ckpt_path={ckpt}", "num_images=8", "components=6", "hydra.run.dir=views"]),
+            module_cmd("vit.attention", [f"ckpt_path={ckpt}", "num_images=1", "hydra.run.dir=att"]),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     numbers = json.loads((tmp_path / "views" / "views.json").read_text())
     assert len(numbers["mean_attention_distance_px"]) == 2 and len(numbers["mean_attention_distance_px"][0]) == 2
@@ -115,8 +121,7 @@ def test_registers_attention_callback_views_and_export_on_a_trained_model(folder
     assert len(numbers["patch_components_explained_variance"]) == 6
     for png in ("patch_embedding_components.png", "position_similarity.png", "attention_distance.png"):
         assert (tmp_path / "views" / png).read_bytes()[:4] == b"\x89PNG"
-    r = run_module("vit.attention", [f"ckpt_path={ckpt}", "num_images=1", "hydra.run.dir=att"], tmp_path)
-    assert r.returncode == 0 and len(list((tmp_path / "att").glob("*.png"))) == 1, r.stderr[-3000:]
+    assert att.returncode == 0 and len(list((tmp_path / "att").glob("*.png"))) == 1, att.stderr[-3000:]
     for fmt in ("onnx", "torchscript"):
         _, diff = export(str(ckpt), fmt, tmp_path / "model")
         assert diff < 1e-4
