@@ -1,5 +1,6 @@
 """Training under Hydra: config composition, a real tiny run, resume, multirun, checkpoints, errors."""
 
+import csv
 import math
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from lightning.fabric.utilities.throughput import measure_flops
 from omegaconf import OmegaConf
 
-from tests.conftest import FAST, REPO, TINY_MODEL, compose_train, run_module, write_cifar_pickles
+from tests.conftest import FAST, REPO, TINY_MODEL, compose_train, module_cmd, run_all, run_module, write_cifar_pickles
 from vit.checkpoint import CheckpointError, load_checkpoint, load_model
 from vit.config import CONFIG_DIR
 from vit.data import ImageDataModule
@@ -121,17 +122,25 @@ def test_the_newcomers_first_command_is_the_cpu_preset_on_torchvision_cifar10(tm
     assert "&& vit-train experiment=cpu_30min\n" in readme
 
 
-def test_the_final_test_reports_accuracy_with_and_without_tta(folder_data, tmp_path):
-    from vit.evaluate import predict_logits
+def test_the_final_evaluations_report_accuracy_with_and_without_tta(folder_data, tmp_path):
+    from vit.evaluate import build_eval_data, predict_logits
 
-    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=1"]
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "trainer.max_epochs=2"]
     metrics = train(compose_train([*overrides, *TINY_MODEL, *FAST, "test_tta=hflip_translate"], tmp_path))
-    # The same numbers from the best checkpoint, computed apart from the Trainer.
+    # The same numbers from the best checkpoint, computed apart from the Trainer: test and validation.
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     images, labels = ImageDataModule(name="folder", root=str(folder_data), img_size=16)._load(train=False)[:2]
     plain, tta = predict_logits(ckpt, images, 64, torch.device("cpu"), "hflip_translate")
     assert metrics["test/acc"] == pytest.approx((plain.argmax(1) == labels).float().mean().item())
     assert metrics["test/acc_tta"] == pytest.approx((tta.argmax(1) == labels).float().mean().item())
+    val = build_eval_data(ckpt, None, "val").val_set
+    plain, tta = predict_logits(ckpt, val.images, 64, torch.device("cpu"), "hflip_translate")
+    assert metrics["val/acc_best"] == pytest.approx((plain.argmax(1) == val.labels).float().mean().item())
+    assert metrics["val/acc_tta"] == pytest.approx((tta.argmax(1) == val.labels).float().mean().item())
+    # That last validation adds val/acc_tta alone: the epochs' curves keep one row each.
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert len([r for r in rows if r.get("val/acc")]) == len([r for r in rows if r.get("time/minutes")]) == 2
+    assert len([r for r in rows if r.get("val/acc_tta")]) == 1
 
 
 @pytest.mark.slow
@@ -249,25 +258,19 @@ def test_a_bad_override_is_one_line_from_the_cli_and_nothing_is_trained(folder_d
 
 def test_resume_from_another_model_configuration_is_refused(trained_run, folder_data, tmp_path):
     last = trained_run / "checkpoints" / "last.ckpt"
-    r = run_module(
-        "vit.train",
+    data = ["data=folder", f"data.root={folder_data}"]
+    r, missing = run_all(
         [
-            "data=folder",
-            f"data.root={folder_data}",
-            "data.img_size=16",
-            *TINY_MODEL,
-            *FAST,
-            "model.depth=3",
-            f"ckpt_path={last}",
+            module_cmd(
+                "vit.train", [*data, "data.img_size=16", *TINY_MODEL, *FAST, "model.depth=3", f"ckpt_path={last}"]
+            ),
+            module_cmd("vit.train", [*data, f"ckpt_path={tmp_path}/missing.ckpt"]),
         ],
         tmp_path,
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "was trained with another model configuration (depth: checkpoint 2, now 3)" in r.stderr
-    r = run_module(
-        "vit.train", ["data=folder", f"data.root={folder_data}", f"ckpt_path={tmp_path}/missing.ckpt"], tmp_path
-    )
-    assert r.returncode == 1 and "checkpoint not found" in r.stderr
+    assert missing.returncode == 1 and "checkpoint not found" in missing.stderr
 
 
 def test_bad_model_override_fails_before_any_data_is_read(tmp_path):

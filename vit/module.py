@@ -82,8 +82,12 @@ class ViTClassifier(L.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=k, average="micro")
         self.test_acc_tta = MulticlassAccuracy(num_classes=k, average="micro")
-        # A vit.tta mode ("hflip", "hflip_translate"): the test also reports test/acc_tta (vit-train's test_tta).
+        self.val_acc_tta = MulticlassAccuracy(num_classes=k, average="micro")
+        # vit.tta modes ("hflip", "hflip_translate"), set by vit-train's test_tta for the final
+        # evaluations: the test also reports test/acc_tta; a validation pass with val_tta set
+        # reports val/acc_tta alone (the best checkpoint's plain accuracy is val/acc_best).
         self.test_tta: str | None = None
+        self.val_tta: str | None = None
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
@@ -146,10 +150,15 @@ class ViTClassifier(L.LightningModule):
         return logits
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if self.val_tta:
+            x, y = batch
+            self.val_acc_tta(tta_logits(self, x, self.val_tta), y)
+            self.log("val/acc_tta", self.val_acc_tta, on_epoch=True, prog_bar=True)
+            return
         self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking or self.val_tta:
             return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)

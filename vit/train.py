@@ -147,10 +147,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
-    if cfg.get("test") and dm.has_test and not trainer.fast_dev_run:
-        module.test_tta = tta_mode(cfg.get("test_tta"), "test_tta")
-        results = trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=True)
-        metrics.update({k: float(v) for k, v in results[0].items()})
+    tta = tta_mode(cfg.get("test_tta"), "test_tta")
+    if cfg.get("test") and not trainer.fast_dev_run:
+        if tta and dm.val_size > 0:  # the best checkpoint's validation accuracy with the TTA views
+            module.val_tta = tta
+            results = trainer.validate(module, datamodule=dm, ckpt_path=best or None, weights_only=True)
+            module.val_tta = None
+            metrics.update({k: float(v) for r in results for k, v in r.items()})  # none if limit_val_batches=0
+        if dm.has_test:
+            module.test_tta = tta
+            results = trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=True)
+            metrics.update({k: float(v) for k, v in results[0].items()})
 
     if trainer.is_global_zero:
         log.info("run directory: %s", cfg.paths.output_dir)
