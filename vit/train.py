@@ -153,7 +153,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             module.val_tta = tta
             results = trainer.validate(module, datamodule=dm, ckpt_path=best or None, weights_only=True)
             module.val_tta = None
-            metrics.update({k: float(v) for r in results for k, v in r.items()})  # none if limit_val_batches=0
+            metrics.update({k: float(v) for r in results for k, v in r.items()})  # a dict per dataloader
         if dm.has_test:
             module.test_tta = tta
             results = trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=True)
