@@ -262,9 +262,18 @@ def test_resume_from_another_model_configuration_is_refused(trained_run, folder_
     r, missing = run_all(
         [
             module_cmd(
-                "vit.train", [*data, "data.img_size=16", *TINY_MODEL, *FAST, "model.depth=3", f"ckpt_path={last}"]
+                "vit.train",
+                [
+                    *data,
+                    "data.img_size=16",
+                    *TINY_MODEL,
+                    *FAST,
+                    "model.depth=3",
+                    f"ckpt_path={last}",
+                    "hydra.run.dir=a",
+                ],
             ),
-            module_cmd("vit.train", [*data, f"ckpt_path={tmp_path}/missing.ckpt"]),
+            module_cmd("vit.train", [*data, f"ckpt_path={tmp_path}/missing.ckpt", "hydra.run.dir=b"]),
         ],
         tmp_path,
     )
