@@ -117,7 +117,7 @@ def test_the_newcomers_first_command_is_the_cpu_preset_on_torchvision_cifar10(tm
     assert cfg.model.weight_init == "mimetic" and cfg.model.whiten_patches  # measured better in 30 minutes (README)
     assert cfg.model.mlp_ratio == 2.0  # more steps in the 30 minutes than ratio 4 or 3, measured better (README)
     assert cfg.trainer.max_epochs == 100  # the 30 minutes, not an epoch bound, lead the schedules (README)
-    assert (cfg.data.batch_size, cfg.optim.lr) == (256, 2e-3)  # better than 128 at 1e-3, 256 at 1.4e-3 (README)
+    assert (cfg.data.batch_size, cfg.optim.lr) == (256, 2.8e-3)  # better than 1.4e-3 or 2e-3 at 256 (README)
     readme = (REPO / "README.md").read_text()
     assert "&& vit-train experiment=cpu_30min\n" in readme
 
