@@ -12,10 +12,14 @@ a lever can be measured over seeds instead of once:
         trainer.accelerator=gpu callbacks.progress=null seed=1 data.seed=42 optim.weight_decay=0.3
 
 Everything after `--` is passed to `vit-train` (`seed` varies the run, `data.seed=42` keeps the
-validation split). The default costs are the medians of a 2-core AMD EPYC's 30-minute run of the
-preset (2026-11-26, batch 256: 3,405 / 2,160 / 1,455 / 1,049 / 798 img/s at 16 / 20 / 24 / 28 /
-32 px, 11,583 steps); the default budget, 1,544 s of step time, gives 11,585 steps (the rest of
-its 30 minutes went to validation and epoch ends). What it does not model: the CPU's own
+validation split). The costs are the medians of a 2-core AMD EPYC's 30-minute run of the preset
+when it was 128 wide (2026-11-26, batch 256: 3,405 / 2,160 / 1,455 / 1,049 / 798 img/s at 16 / 20 /
+24 / 28 / 32 px, 11,583 steps); the default budget, 1,544 s of step time, gives that model 11,585
+steps (the rest of its 30 minutes went to validation and epoch ends). For the preset's 112-wide
+model the default costs are those divided by 112 wide's bare-step speed relative to 128 wide's, as
+`scripts/benchmark.py --variant embed_dim=112 --img-size-at S --batch-size 256` measured it on a 2-core
+Intel Xeon (1.17-1.21x: 13,735 steps). Another shape needs its own `--step-ms` (measured the same
+way): the defaults fit the preset's model only. What it does not model: the CPU's own
 floating-point results (fp32 on the GPU too, the preset's precision) and the order in which a
 slower or faster minute falls.
 """
@@ -31,8 +35,12 @@ import vit.module
 from vit.errors import ConfigError
 from vit.schedule import RunClock, img_size_at
 
-# Median milliseconds per step of 256 images on the machine named above, by training image size.
-FAST_CPU_STEP_MS = {16: 256e3 / 3405, 20: 256e3 / 2160, 24: 256e3 / 1455, 28: 256e3 / 1049, 32: 256e3 / 798}
+# Median milliseconds per step of 256 images on the machine named above, by training image size,
+# for the 128-wide model (pass these as --step-ms to rerun the twenty-third session's sweeps).
+WIDE_128_STEP_MS = {16: 256e3 / 3405, 20: 256e3 / 2160, 24: 256e3 / 1455, 28: 256e3 / 1049, 32: 256e3 / 798}
+# The preset's 112-wide model: a bare step's speed relative to 128 wide's, by image size (above).
+WIDE_112_SPEEDUP = {16: 1.170, 20: 1.203, 24: 1.207, 28: 1.195, 32: 1.210}
+FAST_CPU_STEP_MS = {size: ms / WIDE_112_SPEEDUP[size] for size, ms in WIDE_128_STEP_MS.items()}
 FAST_CPU_BUDGET_S = 1544.0
 
 
