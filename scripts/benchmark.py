@@ -68,6 +68,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def config_precision(cfg) -> str:
+    """bf16 or fp32: the autocast that a composed config's trainer.precision gives vit-train."""
+    return "bf16" if str(cfg.trainer.precision).startswith("bf16") else "fp32"
+
+
 def make_train_step(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: str
 ) -> Callable[[], None]:
@@ -236,7 +241,7 @@ def loop_comparison(args: argparse.Namespace) -> dict:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    ls = cfg.optim.label_smoothing
+    ls, precision = cfg.optim.label_smoothing, config_precision(cfg)
 
     def trainer_step() -> float:
         torch.manual_seed(0)
@@ -257,7 +262,8 @@ def loop_comparison(args: argparse.Namespace) -> dict:
                 if len(times) > steps:
                     break
                 x, y = dm.pipeline.train(images, labels, 0.0)
-                loss = F.cross_entropy(net(x), y, label_smoothing=ls)
+                with autocast(torch.device("cpu"), precision):  # as the Trainer's trainer.precision
+                    loss = F.cross_entropy(net(x), y, label_smoothing=ls)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -328,14 +334,15 @@ def variant_comparison(args: argparse.Namespace) -> dict:
         if not sep or not key:
             raise SystemExit(f"error: --variant {item!r} must be KEY=VALUE, e.g. num_heads=8")
         changes[key] = yaml.safe_load(value)
-    precision = {"base": args.precision or "fp32", "variant": changes.pop("precision", args.precision or "fp32")}
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={args.experiment}", *args.override])
+    base_precision = args.precision or config_precision(cfg)  # the experiment's own unless --precision
+    precision = {"base": base_precision, "variant": changes.pop("precision", base_precision)}
     if precision["variant"] not in ("bf16", "fp32"):
         raise SystemExit(f"error: --variant precision={precision['variant']!r}: bf16 or fp32")
     unknown = set(changes) - set(inspect.signature(VisionTransformer).parameters)
     if unknown:
         raise SystemExit(f"error: --variant {', '.join(sorted(unknown))}: not a VisionTransformer keyword")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={args.experiment}", *args.override])
     base = OmegaConf.to_container(cfg.model, resolve=True)
     for key in MODEL_RUN_OPTIONS:  # vit-train's options, not the network's keywords
         base.pop(key, None)

@@ -42,6 +42,11 @@ WIDE_128_STEP_MS = {16: 256e3 / 3405, 20: 256e3 / 2160, 24: 256e3 / 1455, 28: 25
 WIDE_112_SPEEDUP = {16: 1.170, 20: 1.203, 24: 1.207, 28: 1.195, 32: 1.210}
 FAST_CPU_STEP_MS = {size: ms / WIDE_112_SPEEDUP[size] for size, ms in WIDE_128_STEP_MS.items()}
 FAST_CPU_BUDGET_S = 1544.0
+# The same 112-wide model in bf16 autocast with the attention's explicit maths, on a 2-core Intel Xeon
+# with AMX (2026-12-04): the medians of its 30-minute run by image size (6,353 / 3,839 / 3,002 / 2,210 /
+# 1,737 img/s); that run reached its 100-epoch bound (17,499 steps, 1,566 s of step time) at 27.8
+# minutes. Pass as --step-ms (with a --budget-s) to sweep the bf16 recipe's budget on a GPU.
+AMX_BF16_112_STEP_MS = {16: 256e3 / 6353, 20: 256e3 / 3839, 24: 256e3 / 3002, 28: 256e3 / 2210, 32: 256e3 / 1737}
 
 
 class SimulatedClock(RunClock):
