@@ -19,7 +19,9 @@ steps (the rest of its 30 minutes went to validation and epoch ends). For the pr
 model the default costs are those divided by 112 wide's bare-step speed relative to 128 wide's, as
 `scripts/benchmark.py --variant embed_dim=112 --img-size-at S --batch-size 256` measured it on a 2-core
 Intel Xeon (1.17-1.21x: 13,735 steps). Another shape needs its own `--step-ms` (measured the same
-way): the defaults fit the preset's model only. What it does not model: the CPU's own
+way): the defaults fit the preset's fp32 112-wide model only (on a host whose CPU has AMX units the
+preset resolves to 128 wide in bf16: add `model.embed_dim=112 trainer.precision=32-true
+model.fused_attn=true`, or give that shape's costs). What it does not model: the CPU's own
 floating-point results (fp32 on the GPU too, the preset's precision) and the order in which a
 slower or faster minute falls.
 """

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+import vit.config
 from tests.conftest import FAST, TINY_MODEL, compose_train, module_cmd, run_all, run_module
 from vit.config import EVAL_RULES, check_rules, check_train_config
 from vit.errors import CheckpointError, ConfigError, DataError, DivergedError, ExportError, VitError
@@ -74,6 +75,20 @@ def test_every_shipped_config_passes_the_checks(tmp_path):
         "model=vit_small",
     ):
         check_train_config(compose_train([override, "data.root=/x"], tmp_path))
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+def test_the_cpu_preset_trains_in_bf16_with_explicit_attention_only_where_the_cpu_has_amx(amx, tmp_path, monkeypatch):
+    # ${vit.if_amx:A,B} asks the CPU when the config is resolved; the preset's precision and attention
+    # path follow it together (bf16 autocast with the fused attention's CPU backward is the slow case).
+    monkeypatch.setattr(vit.config, "cpu_has_amx", lambda: amx)
+    cfg = compose_train(["experiment=cpu_30min"], tmp_path)
+    assert cfg.trainer.precision == ("bf16-mixed" if amx else "32-true")
+    assert cfg.model.fused_attn is (not amx) and cfg.model.embed_dim == (128 if amx else 112)
+    check_train_config(cfg)
+    # An override still wins, on any CPU.
+    cfg = compose_train(["experiment=cpu_30min", "trainer.precision=32-true", "model.fused_attn=true"], tmp_path)
+    assert (cfg.trainer.precision, cfg.model.fused_attn) == ("32-true", True)
 
 
 def test_an_out_of_range_value_stops_the_cli_before_any_data_is_read(tmp_path):

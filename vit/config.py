@@ -27,6 +27,22 @@ _INSTALLED = Path(__file__).resolve().parent / "conf"
 CONFIG_DIR = str(_INSTALLED if (_INSTALLED / "train.yaml").is_file() else Path(__file__).resolve().parents[1] / "conf")
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tile units (Intel Xeon since Sapphire Rapids: bfloat16 matrix
+    products in hardware). There the 30-minute preset's training step under bf16 autocast, with the
+    attention's explicit maths, ran 1.4-1.5x float32's. Without them bf16 was only measured with the
+    fused attention, at 0.4-0.5x float32's, so the preset stays in float32 there (README)."""
+    import torch
+
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+# `${vit.if_amx:A,B}` in a config: A on a CPU with AMX units, B elsewhere (conf/experiment/cpu_30min.yaml
+# picks its precision so). Registered on import: every entry point composes its config through here.
+if not OmegaConf.has_resolver("vit.if_amx"):
+    OmegaConf.register_new_resolver("vit.if_amx", lambda if_amx, otherwise: if_amx if cpu_has_amx() else otherwise)
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
