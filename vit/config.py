@@ -38,7 +38,7 @@ def cpu_has_amx() -> bool:
 
 
 # `${vit.if_amx:A,B}` in a config: A on a CPU with AMX units, B elsewhere (conf/experiment/cpu_30min.yaml
-# picks its precision so). Registered on import: every entry point composes its config through here.
+# picks its precision, attention path and width so). Registered on import: every entry point composes its config through here.
 if not OmegaConf.has_resolver("vit.if_amx"):
     OmegaConf.register_new_resolver("vit.if_amx", lambda if_amx, otherwise: if_amx if cpu_has_amx() else otherwise)
 
