@@ -21,7 +21,7 @@ model the default costs are those divided by 112 wide's bare-step speed relative
 Intel Xeon (1.17-1.21x: 13,735 steps). Another shape needs its own `--step-ms` (measured the same
 way): the defaults fit the preset's fp32 112-wide model only (on a host whose CPU has AMX units the
 preset resolves to 128 wide in bf16: add `model.embed_dim=112 trainer.precision=32-true
-model.fused_attn=true`, or give that shape's costs). What it does not model: the CPU's own
+model.fused_attn=true`, or pass its costs, `AMX_BF16_STEP_MS`). What it does not model: the CPU's own
 floating-point results (fp32 on the GPU too, the preset's precision) and the order in which a
 slower or faster minute falls.
 """
@@ -44,11 +44,12 @@ WIDE_128_STEP_MS = {16: 256e3 / 3405, 20: 256e3 / 2160, 24: 256e3 / 1455, 28: 25
 WIDE_112_SPEEDUP = {16: 1.170, 20: 1.203, 24: 1.207, 28: 1.195, 32: 1.210}
 FAST_CPU_STEP_MS = {size: ms / WIDE_112_SPEEDUP[size] for size, ms in WIDE_128_STEP_MS.items()}
 FAST_CPU_BUDGET_S = 1544.0
-# The same 112-wide model in bf16 autocast with the attention's explicit maths, on a 2-core Intel Xeon
-# with AMX (2026-12-04): the medians of its 30-minute run by image size (6,353 / 3,839 / 3,002 / 2,210 /
-# 1,737 img/s); that run reached its 100-epoch bound (17,499 steps, 1,566 s of step time) at 27.8
-# minutes. Pass as --step-ms (with a --budget-s) to sweep the bf16 recipe's budget on a GPU.
-AMX_BF16_112_STEP_MS = {16: 256e3 / 6353, 20: 256e3 / 3839, 24: 256e3 / 3002, 28: 256e3 / 2210, 32: 256e3 / 1737}
+# The preset as a CPU with AMX units resolves it (128 wide, bf16 autocast, the attention's explicit maths),
+# on a 2-core Intel Xeon (2026-12-04): the medians of its 30-minute run by image size (5,523 / 3,522 /
+# 2,691 / 1,975 / 1,591 img/s) and its step time (1,682 s in 17,139 steps). Not the defaults: pass them as
+# --step-ms and --budget-s to sweep that recipe on a GPU.
+AMX_BF16_STEP_MS = {16: 256e3 / 5523, 20: 256e3 / 3522, 24: 256e3 / 2691, 28: 256e3 / 1975, 32: 256e3 / 1591}
+AMX_BF16_BUDGET_S = 1682.0
 
 
 class SimulatedClock(RunClock):
