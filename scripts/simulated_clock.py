@@ -19,9 +19,11 @@ steps (the rest of its 30 minutes went to validation and epoch ends). For the pr
 model the default costs are those divided by 112 wide's bare-step speed relative to 128 wide's, as
 `scripts/benchmark.py --variant embed_dim=112 --img-size-at S --batch-size 256` measured it on a 2-core
 Intel Xeon (1.17-1.21x: 13,735 steps). Another shape needs its own `--step-ms` (measured the same
-way): the defaults fit the preset's fp32 112-wide model only (on a host whose CPU has AMX units the
-preset resolves to 128 wide in bf16: add `model.embed_dim=112 trainer.precision=32-true
-model.fused_attn=true`, or pass its costs, `AMX_BF16_STEP_MS`). What it does not model: the CPU's own
+way): the defaults fit the preset's fp32 112-wide model only, and a run that builds another model
+without --step-ms is refused before its first step (on a host whose CPU multiplies bf16 in hardware,
+AMX or AVX512-BF16, the preset resolves to 128 wide in bf16: add `model.embed_dim=112
+trainer.precision=32-true model.fused_attn=true`, or pass its costs, `AMX_BF16_STEP_MS` with
+`--budget-s 1682`). What it does not model: the CPU's own
 floating-point results (fp32 on the GPU too, the preset's precision) and the order in which a
 slower or faster minute falls.
 """
@@ -44,6 +46,9 @@ WIDE_128_STEP_MS = {16: 256e3 / 3405, 20: 256e3 / 2160, 24: 256e3 / 1455, 28: 25
 WIDE_112_SPEEDUP = {16: 1.170, 20: 1.203, 24: 1.207, 28: 1.195, 32: 1.210}
 FAST_CPU_STEP_MS = {size: ms / WIDE_112_SPEEDUP[size] for size, ms in WIDE_128_STEP_MS.items()}
 FAST_CPU_BUDGET_S = 1544.0
+# The model those default costs were measured for: a run that builds another is refused unless it
+# brings its own --step-ms (on a host whose CPU multiplies bf16 in hardware the preset resolves to 128 wide).
+FAST_CPU_SHAPE = {"embed_dim": 112, "depth": 3, "num_heads": 4, "mlp_ratio": 2.0, "patch_size": 4}
 # The preset as a CPU with AMX units resolves it (128 wide, bf16 autocast, the attention's explicit maths),
 # on a 2-core Intel Xeon (2026-12-04): the medians of its 30-minute run by image size (5,523 / 3,522 /
 # 2,691 / 1,975 / 1,591 img/s) and its step time (1,682 s in 17,139 steps). Not the defaults: pass them as
@@ -57,12 +62,24 @@ class SimulatedClock(RunClock):
     `step_ms[size]`, the size being the one the step trained at (the schedule's, read at the
     fraction that step's batch read). Stops the run when the budget is spent."""
 
-    def __init__(self, step_ms: dict[int, float], budget_s: float, **_: object) -> None:
+    def __init__(
+        self, step_ms: dict[int, float], budget_s: float, shape: dict[str, object] | None = None, **_: object
+    ) -> None:
         super().__init__(by_time=False)  # the module's by_time is ignored: this clock is the time
-        self.step_ms, self.budget_ms = step_ms, budget_s * 1000
+        self.step_ms, self.budget_ms, self.shape = step_ms, budget_s * 1000, shape
         self.spent_ms, self._counted = 0.0, 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.shape is not None:  # costs measured for one model: another would take the wrong steps
+            built = {key: pl_module.net.config[key] for key in self.shape}
+            if built != self.shape:
+                differ = " ".join(f"model.{k}={v}" for k, v in built.items() if v != self.shape[k])
+                wanted = " ".join(f"model.{k}={v}" for k, v in self.shape.items() if v != built[k])
+                raise ConfigError(
+                    f"the default step costs are the fp32 112-wide preset's, but this run builds {differ}: "
+                    f"override {wanted} (with trainer.precision=32-true model.fused_attn=true for the fp32 "
+                    f"preset), or pass that model's measured --step-ms and --budget-s"
+                )
         dm = trainer.datamodule
         sizes = {size for _, size in dm.img_size_schedule} or {dm.img_size[0]}
         if missing := sorted(sizes - self.step_ms.keys()):
@@ -108,14 +125,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--step-ms", type=parse_step_ms, default=FAST_CPU_STEP_MS, help="SIZE=MS,...: a step's cost")
+    p.add_argument("--step-ms", type=parse_step_ms, default=None, help="SIZE=MS,...: a step's cost")
     p.add_argument("--budget-s", type=float, default=FAST_CPU_BUDGET_S, help="seconds of step time the run gets")
     args = p.parse_args(argv[:split])
     if args.budget_s <= 0:
         p.error(f"--budget-s must be positive, got {args.budget_s}")
 
+    # Without --step-ms, the default costs, and the model they were measured for.
+    step_ms, shape = (FAST_CPU_STEP_MS, FAST_CPU_SHAPE) if args.step_ms is None else (args.step_ms, None)
     # vit.module builds the run's clock by this name; the simulated one takes its place.
-    vit.module.RunClock = lambda **kw: SimulatedClock(args.step_ms, args.budget_s, **kw)  # type: ignore[misc]
+    vit.module.RunClock = lambda **kw: SimulatedClock(step_ms, args.budget_s, shape, **kw)  # type: ignore[misc]
     from vit.train import main as vit_train
 
     sys.argv = ["vit-train", *argv[split + 1 :]]

@@ -4,6 +4,8 @@ key, the value and the allowed range (bug g); the project's errors share one bas
 import re
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 import vit.config
 from tests.conftest import FAST, TINY_MODEL, compose_train, module_cmd, run_all, run_module
@@ -77,18 +79,35 @@ def test_every_shipped_config_passes_the_checks(tmp_path):
         check_train_config(compose_train([override, "data.root=/x"], tmp_path))
 
 
-@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
-def test_the_cpu_preset_trains_in_bf16_with_explicit_attention_only_where_the_cpu_has_amx(amx, tmp_path, monkeypatch):
-    # ${vit.if_amx:A,B} asks the CPU when the config is resolved; the preset's precision and attention
-    # path follow it together (bf16 autocast with the fused attention's CPU backward is the slow case).
-    monkeypatch.setattr(vit.config, "cpu_has_amx", lambda: amx)
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-cpu", "fp32-cpu"])
+def test_the_cpu_preset_trains_in_bf16_with_explicit_attention_only_where_the_cpu_multiplies_bf16(
+    bf16, tmp_path, monkeypatch
+):
+    # ${vit.if_cpu_bf16:A,B} asks the CPU when the config is resolved; the preset's precision, attention
+    # path and width follow it together (bf16 autocast with the fused attention's CPU backward is the slow case).
+    monkeypatch.setattr(vit.config, "cpu_has_bf16_matmul", lambda: bf16)
     cfg = compose_train(["experiment=cpu_30min"], tmp_path)
-    assert cfg.trainer.precision == ("bf16-mixed" if amx else "32-true")
-    assert cfg.model.fused_attn is (not amx) and cfg.model.embed_dim == (128 if amx else 112)
+    assert cfg.trainer.precision == ("bf16-mixed" if bf16 else "32-true")
+    assert cfg.model.fused_attn is (not bf16) and cfg.model.embed_dim == (128 if bf16 else 112)
     check_train_config(cfg)
     # An override still wins, on any CPU.
     cfg = compose_train(["experiment=cpu_30min", "trainer.precision=32-true", "model.fused_attn=true"], tmp_path)
     assert (cfg.trainer.precision, cfg.model.fused_attn) == ("32-true", True)
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, expected",
+    [(True, False, True), (False, True, True), (True, True, True), (False, False, False)],
+    ids=["amx", "avx512-bf16", "both", "neither"],
+)
+def test_bf16_counts_as_hardware_with_amx_tiles_or_avx512_bf16(amx, avx512_bf16, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert vit.config.cpu_has_amx() is amx
+    assert vit.config.cpu_has_bf16_matmul() is expected
+    # Run folders saved before the change name ${vit.if_amx:A,B}: it still resolves, by AMX alone.
+    cfg = OmegaConf.create({"precision": "${vit.if_amx:bf16-mixed,32-true}"})
+    assert cfg.precision == ("bf16-mixed" if amx else "32-true")
 
 
 def test_an_out_of_range_value_stops_the_cli_before_any_data_is_read(tmp_path):

@@ -98,3 +98,18 @@ def test_bad_command_lines_exit_with_a_message(capsys):
             sim.main(argv)
         assert exit_info.value.code == 2
     assert "SIZE=MS" in capsys.readouterr().err
+
+
+def test_the_default_costs_refuse_a_model_they_were_not_measured_for():
+    # The default costs are the fp32 112-wide preset's; a host whose CPU multiplies bf16 resolves the
+    # preset to 128 wide, which would silently take 112 wide's steps.
+    config = dict(sim.FAST_CPU_SHAPE, embed_dim=128, qkv_bias=True)
+    module = SimpleNamespace(net=SimpleNamespace(config=config))
+    clock = sim.SimulatedClock(sim.FAST_CPU_STEP_MS, budget_s=1.0, shape=sim.FAST_CPU_SHAPE)
+    with pytest.raises(ConfigError, match=r"builds model.embed_dim=128: override model.embed_dim=112"):
+        clock.on_train_start(_trainer([(0.0, 16)]), module)
+    module.net.config["embed_dim"] = 112
+    clock.on_train_start(_trainer([(0.0, 16)]), module)  # the model they were measured for
+    assert clock.fraction == 0.0
+    # With its own costs (no shape), any model runs.
+    sim.SimulatedClock({16: 1.0}, budget_s=1.0).on_train_start(_trainer([(0.0, 16)]), None)

@@ -29,18 +29,32 @@ CONFIG_DIR = str(_INSTALLED if (_INSTALLED / "train.yaml").is_file() else Path(_
 
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tile units (Intel Xeon since Sapphire Rapids: bfloat16 matrix
-    products in hardware). There the 30-minute preset's training step under bf16 autocast, with the
-    attention's explicit maths, ran 1.4-1.5x float32's. Without them bf16 was only measured with the
-    fused attention, at 0.4-0.5x float32's, so the preset stays in float32 there (README)."""
+    products in hardware)."""
     import torch
 
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-# `${vit.if_amx:A,B}` in a config: A on a CPU with AMX units, B elsewhere (conf/experiment/cpu_30min.yaml
-# picks its precision, attention path and width so). Registered on import: every entry point composes its config through here.
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware: AMX tiles, or AVX512-BF16's dot
+    products (AMD EPYC since Zen 4, Intel since Cooper Lake). There the 30-minute preset's training step
+    under bf16 autocast, with the attention's explicit maths, ran 1.4-1.5x float32's (an Intel Xeon with
+    AMX) and 1.79-1.88x (an AMD EPYC Zen 4 without). Elsewhere (AVX2, or AVX-512 without BF16) there
+    are no bf16 instructions, and the preset stays in float32 (README)."""
+    import torch
+
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return cpu_has_amx() or bool(avx512_bf16())
+
+
+# `${vit.if_cpu_bf16:A,B}` in a config: A on a CPU that multiplies bf16 in hardware, B elsewhere
+# (conf/experiment/cpu_30min.yaml picks its precision, attention path and width so). `${vit.if_amx:A,B}`
+# (AMX alone) is what run folders saved before 2026-12-05 name. Registered on import: every entry point
+# composes its config through here. The lambdas look the functions up when called, so tests can patch them.
+if not OmegaConf.has_resolver("vit.if_cpu_bf16"):
+    OmegaConf.register_new_resolver("vit.if_cpu_bf16", lambda yes, no: yes if cpu_has_bf16_matmul() else no)
 if not OmegaConf.has_resolver("vit.if_amx"):
-    OmegaConf.register_new_resolver("vit.if_amx", lambda if_amx, otherwise: if_amx if cpu_has_amx() else otherwise)
+    OmegaConf.register_new_resolver("vit.if_amx", lambda yes, no: yes if cpu_has_amx() else no)
 
 
 def _is_int(v: Any) -> bool:
