@@ -102,7 +102,7 @@ def test_variant_mode_times_the_experiments_model_against_a_changed_copy(tmp_pat
     out = tmp_path / "variant.json"
     args = ["--variant", "num_heads=4", "--variant", "precision=bf16", "--img-size-at", "8", "--batch-size", "4"]
     args += ["--rounds", "2", "--steps", "1", "--warmup", "0", "--json", str(out)]
-    # The base runs at the experiment's trainer.precision (cpu_30min's: bf16 on a CPU with AMX units).
+    # The base runs at the experiment's trainer.precision (cpu_30min's: bf16 on a CPU with AMX or AVX512-BF16).
     for o in ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "trainer.precision=32-true"]:
         args += ["--override", o]
     [r] = _benchmark(args)
