@@ -254,7 +254,8 @@ def loop_comparison(args: argparse.Namespace) -> dict:
     def bare_step() -> float:
         torch.manual_seed(0)
         module = build_module(cfg, dm)
-        net, opt = module.net.train(), module.configure_optimizers()
+        # The module's forward: its network, compiled where model.compile says so, as vit-train calls it.
+        net, opt = module.train(), module.configure_optimizers()
         times: list[float] = []
         while len(times) <= steps:  # epochs after epochs, as the Trainer would
             for images, labels in dm.train_dataloader():

@@ -387,6 +387,19 @@ def test_bad_schedule_overrides_fail_before_any_data_is_read(tmp_path, overrides
         train(compose_train(args, tmp_path))
 
 
+def test_compile_on_a_cpu_without_a_cpp_compiler_stops_before_any_data_is_read(tmp_path, monkeypatch):
+    # torch.compile's CPU kernels are C++ built at the first step: without a compiler the run would
+    # die there, after the data was read and the patch embedding whitened.
+    import vit.train
+
+    monkeypatch.setattr(vit.train, "cpp_compiler_found", lambda: False)
+    args = ["data=folder", "data.root=/does/not/exist", *TINY_MODEL, "trainer.accelerator=cpu", "print_config=false"]
+    with pytest.raises(ConfigError, match=re.escape("model.compile=true: on a CPU torch.compile builds")):
+        train(compose_train([*args, "model.compile=true"], tmp_path))
+    with pytest.raises(VitError, match="does not exist"):  # without compile the same run gets as far as the data
+        train(compose_train(args, tmp_path))
+
+
 def test_resume_accepts_a_checkpoint_from_before_dynamic_img_size(trained_run, tmp_path):
     from vit.module import ViTClassifier
     from vit.train import check_resumable

@@ -47,12 +47,27 @@ def cpu_has_bf16_matmul() -> bool:
     return cpu_has_amx() or bool(avx512_bf16())
 
 
+def cpp_compiler_found() -> bool:
+    """Whether torch.compile's CPU backend (Inductor) finds the C++ compiler that it builds its
+    kernels with (g++ by default, or $CXX): without one a compiled model fails at its first step."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # torch raises InvalidCxxCompiler when none of its candidates runs
+        return False
+    return True
+
+
 # `${vit.if_cpu_bf16:A,B}` in a config: A on a CPU that multiplies bf16 in hardware, B elsewhere
-# (conf/experiment/cpu_30min.yaml picks its precision, attention path and width so). `${vit.if_amx:A,B}`
+# (conf/experiment/cpu_30min.yaml picks its precision, attention path and width so);
+# `${vit.if_cpp_compiler:A,B}`: A where torch.compile finds a C++ compiler for CPU kernels. `${vit.if_amx:A,B}`
 # (AMX alone) is what run folders saved before 2026-12-05 name. Registered on import: every entry point
 # composes its config through here. The lambdas look the functions up when called, so tests can patch them.
 if not OmegaConf.has_resolver("vit.if_cpu_bf16"):
     OmegaConf.register_new_resolver("vit.if_cpu_bf16", lambda yes, no: yes if cpu_has_bf16_matmul() else no)
+if not OmegaConf.has_resolver("vit.if_cpp_compiler"):
+    OmegaConf.register_new_resolver("vit.if_cpp_compiler", lambda yes, no: yes if cpp_compiler_found() else no)
 if not OmegaConf.has_resolver("vit.if_amx"):
     OmegaConf.register_new_resolver("vit.if_amx", lambda yes, no: yes if cpu_has_amx() else no)
 

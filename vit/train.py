@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vit.checkpoint import read_checkpoint, recorded_model_config
 from vit.cli import hydra_cli
-from vit.config import check_train_config, print_config_tree
+from vit.config import check_train_config, cpp_compiler_found, print_config_tree
 from vit.data import ImageDataModule
 from vit.errors import CheckpointError, ConfigError, VitError
 from vit.model import VisionTransformer, whiten_patch_embed_
@@ -69,6 +69,11 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
             "optim.depth_schedule starts the blocks it holds back as identities, which would discard "
             "model.pretrained's weights for them; set one of the two"
         )
+    if compile_ and not _trains_on_gpu(cfg) and not cpp_compiler_found():
+        raise ConfigError(
+            "model.compile=true: on a CPU torch.compile builds its kernels with a C++ compiler, and it "
+            "found none (g++, or the one $CXX names); install one or set model.compile=false"
+        )
     h, w = dm.img_size
     model_kw.update(img_size=h if h == w else [h, w], num_classes=dm.num_classes)
     optim: dict[str, Any] = OmegaConf.to_container(cfg.optim, resolve=True)  # type: ignore[assignment]
@@ -82,6 +87,11 @@ def build_module(cfg: DictConfig, dm: ImageDataModule) -> ViTClassifier:
     if whiten and not cfg.get("ckpt_path"):  # a resumed run loads its trained weights instead
         whiten_from_data(module.net, dm)
     return module
+
+
+def _trains_on_gpu(cfg: DictConfig) -> bool:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def whiten_from_data(net: VisionTransformer, dm: ImageDataModule, num_images: int = 5000) -> None:
