@@ -25,7 +25,8 @@ the loader or the model bounds a run.
 
 `--variant KEY=VALUE` times a bare training step of the experiment's model (cpu_30min's by default)
 against the same model with those keywords changed (`patch_drop_rate=0.5`, `num_heads=8`,
-`class_token=true --variant global_pool=token`, or `precision=bf16` for autocast), interleaved.
+`class_token=true --variant global_pool=token`, `precision=bf16` for autocast, or `compile=false`
+against a preset that compiles), interleaved.
 """
 
 from __future__ import annotations
@@ -327,6 +328,7 @@ def variant_comparison(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
     from vit.config import CONFIG_DIR
+    from vit.module import compile_static
     from vit.train import MODEL_RUN_OPTIONS
 
     changes: dict = {}
@@ -341,6 +343,11 @@ def variant_comparison(args: argparse.Namespace) -> dict:
     precision = {"base": base_precision, "variant": changes.pop("precision", base_precision)}
     if precision["variant"] not in ("bf16", "fp32"):
         raise SystemExit(f"error: --variant precision={precision['variant']!r}: bf16 or fp32")
+    # model.compile is vit-train's option, not a keyword: the experiment's own, or what --variant says.
+    compiled = {"base": bool(cfg.model.get("compile", False))}
+    compiled["variant"] = changes.pop("compile", compiled["base"])
+    if not isinstance(compiled["variant"], bool):
+        raise SystemExit(f"error: --variant compile={compiled['variant']!r}: true or false")
     unknown = set(changes) - set(inspect.signature(VisionTransformer).parameters)
     if unknown:
         raise SystemExit(f"error: --variant {', '.join(sorted(unknown))}: not a VisionTransformer keyword")
@@ -361,12 +368,18 @@ def variant_comparison(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: --variant {' '.join(args.variant)}: {e}") from e
     x = torch.randn(args.batch_size, 3, s, s, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
-    steps = {k: make_train_step(m.to(device).train(), x, y, device, precision[k]) for k, m in models.items()}
+    nets = {k: m.to(device).train() for k, m in models.items()}
+    # Compiled as vit-train compiles it (one static graph): the warm-up steps compile.
+    nets = {k: compile_static(m) if compiled[k] else m for k, m in nets.items()}
+    steps = {k: make_train_step(m, x, y, device, precision[k]) for k, m in nets.items()}
     times = interleaved(steps, args.steps, args.rounds, args.warmup, device)
     img_s = {k: args.batch_size / t for k, t in times.items()}
     return {
         "experiment": args.experiment,
-        "variant": changes | ({"precision": precision["variant"]} if precision["variant"] != precision["base"] else {}),
+        "variant": changes
+        | ({"precision": precision["variant"]} if precision["variant"] != precision["base"] else {})
+        | ({"compile": compiled["variant"]} if compiled["variant"] != compiled["base"] else {}),
+        "compiled": compiled,
         "img_size": s,
         "batch_size": args.batch_size,
         "rounds": args.rounds,
