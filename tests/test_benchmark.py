@@ -68,8 +68,7 @@ def test_loop_mode_times_vit_trains_step_against_a_bare_loop(folder_data, tmp_pa
     model = ["model.embed_dim=48", "model.depth=1", "model.num_heads=2"]
     args = ["--loop", "--data-root", str(folder_data), "--img-size-at", "8", "--loop-steps", "6", "--loop-skip", "1"]
     args += ["--rounds", "2", "--json", str(out)]
-    # Eager: the loop's mechanics, not torch.compile (the preset compiles on a bf16 CPU with a C++ compiler).
-    for o in ["data.val_size=30", "data.batch_size=16", "trainer.max_epochs=-1", "model.compile=false", *model]:
+    for o in ["data.val_size=30", "data.batch_size=16", "trainer.max_epochs=-1", *model]:
         args += ["--override", o]
     # Without data the loop cannot be measured: a clear message, exit 1.
     r, refused = _benchmark(args, ["--loop"])
@@ -104,20 +103,14 @@ def test_variant_mode_times_the_experiments_model_against_a_changed_copy(tmp_pat
     args = ["--variant", "num_heads=4", "--variant", "precision=bf16", "--img-size-at", "8", "--batch-size", "4"]
     args += ["--rounds", "2", "--steps", "1", "--warmup", "0", "--json", str(out)]
     # The base runs at the experiment's trainer.precision (cpu_30min's: bf16 on a CPU with AMX or AVX512-BF16).
-    for o in [
-        "model.embed_dim=32",
-        "model.depth=1",
-        "model.num_heads=2",
-        "trainer.precision=32-true",
-        "model.compile=false",
-    ]:
+    for o in ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "trainer.precision=32-true"]:
         args += ["--override", o]
     [r] = _benchmark(args)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     assert result["experiment"] == "cpu_30min" and result["img_size"] == 8 and result["batch_size"] == 4
     assert result["variant"] == {"num_heads": 4, "precision": "bf16"}  # values parsed as YAML
-    assert result["compiled"] == {"base": False, "variant": False}
+    assert result["compiled"] == {"base": False, "variant": False}  # the preset runs eager
     m = result["median_img_s"]
     assert min(m.values()) > 0 and result["ratio"] == m["variant"] / m["base"]
     assert f"{result['ratio']:.3f}x" in r.stdout

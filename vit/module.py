@@ -31,9 +31,9 @@ def compile_static(net: torch.nn.Module) -> torch.nn.Module:
     symbolic, so a progressive-resizing run (16 to 32 px, validated at 32) trains on general
     graphs. In `vit-train experiment=cpu_30min model.compile=true` on 2 cores, static graphs kept
     the eager run's pace (8,896 and 8,559 steps in 30 minutes against 8,813 eager the same day)
-    where the default had lost 5% (8,103 against 8,551; README). Under bf16 autocast it fuses more (the casts
-    around LayerNorm and softmax): a bare step 1.35x / 1.23x eager's at 16 / 32 px on a 2-core Zen 4, and
-    7.5% more steps in 30 minutes. Each shape costs one compile (~11 s there in fp32, 18-27 s in bf16):
+    where the default had lost 5% (8,103 against 8,551; README). Under bf16 autocast a bare step ran 1.35x /
+    1.23x eager's at 16 / 32 px on a 2-core Zen 4, yet a 30-minute run took no more steps than eager the
+    same night (README). Each shape costs one compile (~11 s there in fp32, 18-27 s in bf16):
     the schedule's sizes, evaluation (no grad) and its last partial batch; the limit on recompiles
     is raised so that none of them falls back to eager.
     """
