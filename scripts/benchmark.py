@@ -25,8 +25,8 @@ the loader or the model bounds a run.
 
 `--variant KEY=VALUE` times a bare training step of the experiment's model (cpu_30min's by default)
 against the same model with those keywords changed (`patch_drop_rate=0.5`, `num_heads=8`,
-`class_token=true --variant global_pool=token`, `precision=bf16` for autocast, or `compile=false`
-against a preset that compiles), interleaved.
+`class_token=true --variant global_pool=token`, `precision=bf16` for autocast, or `compile=true` for
+torch.compile as vit-train's `model.compile=true` does it), interleaved.
 """
 
 from __future__ import annotations
