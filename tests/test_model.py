@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer as TimmViT
+from torch import nn
 
 from vit.errors import CheckpointError
 from vit.model import (
@@ -42,14 +44,24 @@ PARITY = [
     dict(TINY, qk_norm=True, class_token=False, global_pool="avg", qkv_bias=False),
     dict(TINY, patch_drop_rate=0.5),
     dict(TINY, patch_drop_rate=0.25, reg_tokens=2, class_token=False, global_pool="avg"),
+    # The gated SiLU MLP (timm's SwiGLUPacked): fc1 packs gate and value, fc2 half as wide.
+    dict(TINY, mlp_layer="swiglu"),
+    dict(TINY, mlp_layer="swiglu", mlp_ratio=2.5, class_token=False, global_pool="avg", qkv_bias=False),
 ]
+
+
+def _timm_kw(kw):
+    """Our keywords as timm's: mlp_layer="swiglu" is timm's SwiGLUPacked with act_layer=nn.SiLU."""
+    kw = {k: v for k, v in kw.items() if k != "fused_attn"}
+    if kw.pop("mlp_layer", "mlp") == "swiglu":
+        kw.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    return kw
 
 
 def _pair(kw, seed=0):
     torch.manual_seed(seed)
     ours = VisionTransformer(**kw)
-    timm_kw = {k: v for k, v in kw.items() if k != "fused_attn"}
-    theirs = TimmViT(**timm_kw)
+    theirs = TimmViT(**_timm_kw(kw))
     return ours, theirs
 
 
@@ -126,13 +138,17 @@ def test_timm_parity_both_directions(kw):
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
     # And the reverse direction: timm's weights into ours.
     torch.manual_seed(123)
-    theirs2 = TimmViT(**kw).eval()
+    theirs2 = TimmViT(**_timm_kw(kw)).eval()
     ours.load_state_dict(theirs2.state_dict(), strict=True)
     torch.testing.assert_close(ours(x), theirs2(x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("extra", [{}, {"reg_tokens": 3}, {"qk_norm": True}], ids=["plain", "registers", "qk_norm"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"reg_tokens": 3}, {"qk_norm": True}, {"mlp_layer": "swiglu"}],
+    ids=["plain", "registers", "qk_norm", "swiglu"],
+)
 def test_timm_gradient_parity(fused, extra):
     kw = dict(TINY, init_values=1e-1, **extra)
     ours, theirs = _pair(kw)
@@ -144,6 +160,21 @@ def test_timm_gradient_parity(fused, extra):
     for (name, p), (tname, q) in zip(ours.named_parameters(), theirs.named_parameters()):
         assert name == tname
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_swiglu_starts_as_timm_does_and_refuses_an_odd_width():
+    # timm's GluMlp.init_weights: fc1's value half near 0 with bias 1, so the MLP starts as fc2(SiLU(gate)).
+    torch.manual_seed(0)
+    kw = dict(TINY, embed_dim=64, mlp_layer="swiglu", mlp_ratio=2.5)
+    for m in (VisionTransformer(**kw), TimmViT(**_timm_kw(kw))):
+        fc1, fc2 = m.blocks[0].mlp.fc1, m.blocks[0].mlp.fc2
+        assert fc1.weight.shape == (160, 64) and fc2.weight.shape == (64, 80)
+        assert fc1.weight[80:].abs().max() < 1e-4 and torch.equal(fc1.bias[80:], torch.ones(80))
+        assert abs(fc1.weight[:80].std().item() - 0.02) < 0.003 and fc1.bias[:80].abs().max() == 0
+    with pytest.raises(ValueError, match="even"):
+        VisionTransformer(**dict(TINY, mlp_layer="swiglu", mlp_ratio=1.5 + 1 / 32))  # 32 * 1.53 -> 49 features
+    with pytest.raises(ValueError, match="mlp_layer must be one of"):
+        VisionTransformer(**dict(TINY, mlp_layer="geglu"))
 
 
 def test_init_matches_timm_statistics():

@@ -231,6 +231,8 @@ def _narrow_run(folder_data) -> list[str]:
         (["model.num_heads=5"], "embed_dim 32 is not divisible by num_heads 5"),
         (["data.root=/does/not/exist"], "data.root=/does/not/exist does not exist"),
         (["data.val_size=100000"], "data.val_size=100000 must be in"),
+        (["model.mlp_layer=geglu"], "mlp_layer must be one of ('mlp', 'swiglu'), got 'geglu'"),
+        (["model.mlp_layer=swiglu", "model.mlp_ratio=1.53125"], "splits fc1's 49 features into gate and value"),
         (
             ["model.whiten_patches=true"],
             "model.whiten_patches: whitening needs embed_dim >= in_chans * patch area (32 < 48)",

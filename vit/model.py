@@ -21,6 +21,7 @@ __all__ = [
     "PatchEmbed",
     "Attention",
     "Mlp",
+    "GluMlp",
     "LayerScale",
     "DropPath",
     "Block",
@@ -35,6 +36,9 @@ __all__ = [
 GLOBAL_POOLS = ("token", "avg", "")
 POS_EMBEDS = ("learn", "sincos", "none")
 WEIGHT_INITS = ("", "mimetic", "impulse")  # timm's default init; ours: mimetic_init_ / impulse_init_ on top of it
+# The blocks' MLP: "mlp" (fc1 -> GELU -> fc2, timm's Mlp) or "swiglu" (timm's SwiGLUPacked with
+# act_layer=nn.SiLU: fc1 packs the gate and the value, fc2 reads their product, half as wide).
+MLP_LAYERS = ("mlp", "swiglu")
 
 
 def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -322,6 +326,39 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
+class GluMlp(nn.Module):
+    """Gated MLP as timm's `GluMlp` with `gate_last=False` and SiLU (`SwiGLUPacked`; Shazeer 2020):
+    fc1 makes `hidden` features, the first half gates the second, fc2 reads the `hidden // 2`
+    products. Its weights, d h + (h / 2) d = 1.5 d h, equal a GELU MLP's 2 d (r d) at
+    h = 4 r d / 3: `mlp_ratio` 2.667 for ratio 2 (2.625 at 128 wide, where h must be even)."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0) -> None:
+        super().__init__()
+        if hidden_features % 2:
+            raise ValueError(
+                f"a gated MLP splits fc1's {hidden_features} features into gate and value halves: "
+                "pick an mlp_ratio that makes int(embed_dim * mlp_ratio) even"
+            )
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.SiLU()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()  # timm's slot for an optional norm on the gated features
+        self.fc2 = nn.Linear(hidden_features // 2, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """timm's: the value half of fc1 starts near 0 with bias 1 (its weights N(0, 1e-6)), so at
+        init the block's MLP is fc2(SiLU(gate))."""
+        half = self.fc1.out_features // 2
+        nn.init.ones_(self.fc1.bias[half:])
+        nn.init.normal_(self.fc1.weight[half:], std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)  # (..., hidden // 2) each
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(gate) * value))))
+
+
 class LayerScale(nn.Module):
     """Per-channel learnable scale of a residual branch (CaiT); `gamma` as in timm."""
 
@@ -366,6 +403,7 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         fused_attn: bool = True,
         qk_norm: bool = False,
+        mlp_layer: str = "mlp",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -373,7 +411,8 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        mlp = GluMlp if mlp_layer == "swiglu" else Mlp
+        self.mlp = mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -479,6 +518,7 @@ class VisionTransformer(nn.Module):
         depth: int = 12,
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
+        mlp_layer: str = "mlp",
         qkv_bias: bool = True,
         qk_norm: bool = False,
         init_values: float | None = None,
@@ -510,6 +550,7 @@ class VisionTransformer(nn.Module):
             "depth": depth,
             "num_heads": num_heads,
             "mlp_ratio": mlp_ratio,
+            "mlp_layer": mlp_layer,
             "qkv_bias": qkv_bias,
             "qk_norm": qk_norm,
             "init_values": init_values,
@@ -539,6 +580,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(
                 f"weight_init='impulse' is derived from sin-cos positions: set pos_embed='sincos', not {pos_embed!r}"
             )
+        if mlp_layer not in MLP_LAYERS:
+            raise ValueError(f"mlp_layer must be one of {MLP_LAYERS}, got {mlp_layer!r}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if not pos_embed_temperature > 0:
@@ -605,6 +648,7 @@ class VisionTransformer(nn.Module):
                     drop_path=dpr[i],
                     fused_attn=fused_attn,
                     qk_norm=qk_norm,
+                    mlp_layer=mlp_layer,
                 )
                 for i in range(depth)
             ]
@@ -641,6 +685,9 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, GluMlp):  # after its Linear layers, as timm's named_apply (children first)
+                m.init_weights()
         if mode == "mimetic":
             for blk in self.blocks:
                 mimetic_init_(blk.attn)
