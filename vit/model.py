@@ -36,9 +36,6 @@ __all__ = [
 GLOBAL_POOLS = ("token", "avg", "")
 POS_EMBEDS = ("learn", "sincos", "none")
 WEIGHT_INITS = ("", "mimetic", "impulse")  # timm's default init; ours: mimetic_init_ / impulse_init_ on top of it
-# The blocks' MLP: "mlp" (fc1 -> GELU -> fc2, timm's Mlp) or "swiglu" (timm's SwiGLUPacked with
-# act_layer=nn.SiLU: fc1 packs the gate and the value, fc2 reads their product, half as wide).
-MLP_LAYERS = ("mlp", "swiglu")
 
 
 def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -359,6 +356,11 @@ class GluMlp(nn.Module):
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(gate) * value))))
 
 
+# The blocks' MLP by `mlp_layer`: "mlp" (fc1 -> GELU -> fc2, timm's Mlp) or "swiglu" (timm's SwiGLUPacked
+# with act_layer=nn.SiLU: fc1 packs the gate and the value, fc2 reads their product, half as wide).
+MLP_LAYERS: dict[str, type[nn.Module]] = {"mlp": Mlp, "swiglu": GluMlp}
+
+
 class LayerScale(nn.Module):
     """Per-channel learnable scale of a residual branch (CaiT); `gamma` as in timm."""
 
@@ -411,8 +413,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        mlp = GluMlp if mlp_layer == "swiglu" else Mlp
-        self.mlp = mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.mlp = MLP_LAYERS[mlp_layer](dim, int(dim * mlp_ratio), drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -581,7 +582,7 @@ class VisionTransformer(nn.Module):
                 f"weight_init='impulse' is derived from sin-cos positions: set pos_embed='sincos', not {pos_embed!r}"
             )
         if mlp_layer not in MLP_LAYERS:
-            raise ValueError(f"mlp_layer must be one of {MLP_LAYERS}, got {mlp_layer!r}")
+            raise ValueError(f"mlp_layer must be one of {tuple(MLP_LAYERS)}, got {mlp_layer!r}")
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
         if not pos_embed_temperature > 0:
