@@ -1,5 +1,6 @@
 """The optimizer: which parameters Muon takes, MuonAdamW equal to its two parts stepped apart, its
-state surviving a save and load, and a vit-train run with it (schedule, checkpoint, resume)."""
+state surviving a save and load, and a vit-train run with it (schedule, checkpoint, resume);
+Lookahead's averaging step by step and in a vit-train run."""
 
 import copy
 import csv
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from tests.conftest import FAST, TINY_MODEL, compose_train
 from vit.checkpoint import load_checkpoint
 from vit.model import VisionTransformer
-from vit.optim import Muon, MuonAdamW, build_optimizer, newton_schulz, param_groups
+from vit.optim import Muon, MuonAdamW, build_optimizer, lookahead_alpha, newton_schulz, param_groups
 from vit.schedule import lr_factor
 from vit.train import train
 
@@ -159,3 +160,61 @@ def test_vit_train_with_muon_follows_the_schedule_checkpoints_and_resumes(folder
     train(compose_train([*overrides, "trainer.max_epochs=3", f"ckpt_path={ckpt}"], resumed))
     raw = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert raw["global_step"] == 15 and set(raw["optimizer_states"][0]) == {"muon", "adamw"}
+
+
+def test_lookahead_restarts_every_k_steps_from_the_slow_weights_alpha_of_the_way_to_adamws():
+    torch.manual_seed(0)
+    net = VisionTransformer(**NET)
+    ref = copy.deepcopy(net)
+    opt = build_optimizer(net, 1e-2, 0.05, (0.9, 0.999), lookahead_k=3)
+    ref_opt = build_optimizer(ref, 1e-2, 0.05, (0.9, 0.999))
+    assert type(ref_opt) is torch.optim.AdamW and opt.param_groups[0]["lookahead_alpha"] == 1.0
+    slow = None  # timm's: the slow weights start as the weights of the first sync (step 3)
+    for step in range(1, 10):
+        for group in opt.param_groups:
+            group["lookahead_alpha"] = 0.25
+        for o, n in ((opt, net), (ref_opt, ref)):
+            o.zero_grad()
+            _loss(n, step).backward()
+            o.step()
+        if step % 3 == 0:  # the slow weights move a quarter of the way; AdamW goes on from them
+            with torch.no_grad():
+                slow = slow or [p.detach().clone() for p in ref.parameters()]
+                for s, p in zip(slow, ref.parameters()):
+                    s.add_(p - s, alpha=0.25)
+                    p.copy_(s)
+        for a, b in zip(net.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # Not AdamW alone: the same steps without the restarts end elsewhere.
+    torch.manual_seed(0)
+    plain = VisionTransformer(**NET)
+    plain_opt = build_optimizer(plain, 1e-2, 0.05, (0.9, 0.999))
+    for step in range(1, 10):
+        plain_opt.zero_grad()
+        _loss(plain, step).backward()
+        plain_opt.step()
+    assert max((a - b).abs().max().item() for a, b in zip(net.parameters(), plain.parameters())) > 1e-3
+
+
+def test_lookahead_alpha_falls_from_one_to_one_minus_decay_along_the_power():
+    assert lookahead_alpha(0.0, 0.774, 3.0) == 1.0
+    assert lookahead_alpha(0.5, 0.774, 3.0) == pytest.approx(1 - 0.774 / 8)
+    assert lookahead_alpha(1.0, 0.774, 3.0) == pytest.approx(0.226)
+
+
+@pytest.mark.slow
+def test_vit_train_with_lookahead_sets_alpha_from_the_clock_and_resumes(folder_data, tmp_path):
+    overrides = ["data=folder", f"data.root={folder_data}", "data.img_size=16", "test=false", *TINY_MODEL, *FAST]
+    overrides += ["trainer.max_epochs=2", "optim.lookahead_k=2", "optim.lookahead_decay=0.5", "optim.lookahead_power=1"]
+    run = tmp_path / "run"
+    train(compose_train(overrides, run))
+    raw = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    groups = raw["optimizer_states"][0]["param_groups"]
+    # 10 steps of a 10-step run: alpha for the next step is 1 - 0.5 x 1; 5 slow updates each group.
+    assert [(g["lookahead_alpha"], g["lookahead_k"], g["lookahead_step"]) for g in groups] == [(0.5, 2, 10)] * 2
+    assert any("lookahead_slow_buff" in s for s in raw["optimizer_states"][0]["state"].values())
+    resumed = tmp_path / "resumed"
+    train(compose_train([*overrides, "trainer.max_epochs=3", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], resumed))
+    raw = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert raw["global_step"] == 15
+    assert [g["lookahead_step"] for g in raw["optimizer_states"][0]["param_groups"]] == [15, 15]

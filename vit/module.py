@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vit.errors import DivergedError
 from vit.model import VisionTransformer, zero_residuals_
-from vit.optim import build_optimizer
+from vit.optim import build_optimizer, lookahead_alpha
 from vit.schedule import RunClock, lr_factor, parse_depth_schedule, parse_patch_drop_schedule, value_at
 from vit.tta import tta_logits
 
@@ -57,6 +57,9 @@ class ViTClassifier(L.LightningModule):
         muon_lr: float | None = None,
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
+        lookahead_k: int | None = None,
+        lookahead_decay: float = 0.774,
+        lookahead_power: float = 3.0,
         patch_drop_schedule: list[list[float]] | None = None,
         depth_schedule: list[list[int]] | None = None,
         compile: bool = False,
@@ -175,11 +178,19 @@ class ViTClassifier(L.LightningModule):
 
     # -- optimization ---------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW; with optim.muon_lr, Muon for the blocks' weight matrices (vit.optim)."""
+        """AdamW; with optim.muon_lr, Muon for the blocks' weight matrices; with optim.lookahead_k,
+        inside Lookahead (vit.optim)."""
         hp, scale = self.hparams, self.peak_lr() / self.hparams.lr
         muon_lr = hp.muon_lr * scale if hp.muon_lr is not None else None
         return build_optimizer(
-            self.net, self.peak_lr(), hp.weight_decay, hp.betas, muon_lr, hp.muon_momentum, hp.muon_weight_decay
+            self.net,
+            self.peak_lr(),
+            hp.weight_decay,
+            hp.betas,
+            muon_lr,
+            hp.muon_momentum,
+            hp.muon_weight_decay,
+            hp.lookahead_k,
         )
 
     def peak_lr(self) -> float:
@@ -205,7 +216,10 @@ class ViTClassifier(L.LightningModule):
         hp = self.hparams
         warmup = self.clock.epochs_to_fraction(hp.warmup_epochs)
         factor = lr_factor(self.clock.fraction, warmup, hp.min_lr_ratio, hp.lr_decay)
+        alpha = lookahead_alpha(self.clock.fraction, hp.lookahead_decay, hp.lookahead_power)
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
+                if "lookahead_alpha" in group:  # timm's Lookahead wraps the optimizer (optim.lookahead_k)
+                    group["lookahead_alpha"] = alpha
                 # setdefault: optimizer states resumed from checkpoints of before the run clock lack it.
                 group["lr"] = group.setdefault("peak_lr", self.peak_lr()) * factor

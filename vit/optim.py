@@ -1,4 +1,5 @@
-"""The optimizer: AdamW, or Muon for the blocks' weight matrices with AdamW for the rest.
+"""The optimizer: AdamW, or Muon for the blocks' weight matrices with AdamW for the rest, either
+one optionally inside timm's Lookahead.
 
 Muon (Jordan et al. 2024; `torch.optim.Muon`, here with its Newton-Schulz step in float32 on a
 CPU: `Muon`) orthogonalizes each 2-D weight's momentum with a few
@@ -11,6 +12,13 @@ the two: one closure call (one forward and backward) per step, then both update.
 `param_groups` are the two optimizers' own group dicts, so the learning-rate schedule
 (`ViTClassifier._follow_schedules`), gradient clipping and Lightning's LearningRateMonitor see
 every group, each with its own `peak_lr`.
+
+Lookahead (Zhang et al. 2019; `timm.optim.Lookahead`, as airbench uses it): every `k` steps the
+slow weights move `lookahead_alpha` of the way to the optimizer's (fast) weights, and the fast
+weights restart from them (the slow weights start as the weights of the first sync). alpha 1
+leaves the optimizer as it is; the schedule
+(`lookahead_alpha`) lowers it along the run, so late in the run each restart is an average of
+the recent weights (airbench: 1 - 0.95^5 x fraction^3, down to 0.23 at the end).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from timm.optim import Lookahead
 from torch import nn
 
 
@@ -185,9 +194,19 @@ def build_optimizer(
     muon_lr: float | None = None,
     muon_momentum: float = 0.95,
     muon_weight_decay: float = 0.0,
+    lookahead_k: int | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW over every parameter, or (with `muon_lr`) MuonAdamW."""
+    """AdamW over every parameter, or (with `muon_lr`) MuonAdamW; with `lookahead_k`, inside
+    Lookahead syncing every `lookahead_k` steps (its alpha starts at 1: set by the schedule)."""
     muon, adamw = param_groups(net, lr, weight_decay, muon_lr, muon_weight_decay)
     if not muon:
-        return torch.optim.AdamW(adamw, lr=lr, betas=tuple(betas))
-    return MuonAdamW(muon, adamw, betas=tuple(betas), momentum=muon_momentum)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(adamw, lr=lr, betas=tuple(betas))
+    else:
+        opt = MuonAdamW(muon, adamw, betas=tuple(betas), momentum=muon_momentum)
+    return Lookahead(opt, alpha=1.0, k=lookahead_k) if lookahead_k else opt
+
+
+def lookahead_alpha(fraction: float, decay: float, power: float) -> float:
+    """Lookahead's step toward the fast weights at `fraction` of the run: 1 - decay x fraction^power
+    (1 at the start: no averaging; 1 - decay at the end)."""
+    return 1.0 - decay * fraction**power

@@ -1,7 +1,7 @@
 """How far through the run we are, and the schedules that follow it.
 
 One number drives every schedule (the learning rate, the training image size, the random crop's
-padding, the share of patch tokens dropped, the number of blocks trained):
+padding, the share of patch tokens dropped, the number of blocks trained, Lookahead's alpha):
 the fraction of the run done, a pure function of the step count and the clock (`run_fraction`).
 `RunClock`, a Lightning callback, refreshes it once per step; the schedules read `clock.fraction`
 and are plain functions of it (`lr_factor`, `value_at` for piecewise-constant schedules).
