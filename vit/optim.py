@@ -16,9 +16,8 @@ every group, each with its own `peak_lr`.
 Lookahead (Zhang et al. 2019; `timm.optim.Lookahead`, as airbench uses it): every `k` steps the
 slow weights move `lookahead_alpha` of the way to the optimizer's (fast) weights, and the fast
 weights restart from them (the slow weights start as the weights of the first sync). alpha 1
-leaves the optimizer as it is; the schedule
-(`lookahead_alpha`) lowers it along the run, so late in the run each restart is an average of
-the recent weights (airbench: 1 - 0.95^5 x fraction^3, down to 0.23 at the end).
+leaves the optimizer as it is; the schedule (`lookahead_alpha`) lowers it along the run, so late
+in the run each restart is an average of the recent weights (airbench: 1 - 0.95^5 x fraction^3, down to 0.23 at the end).
 """
 
 from __future__ import annotations
