@@ -214,7 +214,9 @@ def test_vit_train_with_lookahead_sets_alpha_from_the_clock_and_resumes(folder_d
     assert [(g["lookahead_alpha"], g["lookahead_k"], g["lookahead_step"]) for g in groups] == [(0.5, 2, 10)] * 2
     assert any("lookahead_slow_buff" in s for s in raw["optimizer_states"][0]["state"].values())
     resumed = tmp_path / "resumed"
-    train(compose_train([*overrides, "trainer.max_epochs=3", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], resumed))
+    train(
+        compose_train([*overrides, "trainer.max_epochs=3", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], resumed)
+    )
     raw = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert raw["global_step"] == 15
     assert [g["lookahead_step"] for g in raw["optimizer_states"][0]["param_groups"]] == [15, 15]
