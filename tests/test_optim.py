@@ -220,3 +220,28 @@ def test_vit_train_with_lookahead_sets_alpha_from_the_clock_and_resumes(folder_d
     raw = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert raw["global_step"] == 15
     assert [g["lookahead_step"] for g in raw["optimizer_states"][0]["param_groups"]] == [15, 15]
+
+
+def test_lookahead_around_muon_adamw_keeps_its_slow_weights_through_a_save_and_load():
+    torch.manual_seed(0)
+    net = VisionTransformer(**NET)
+    opt = build_optimizer(net, 1e-3, 0.05, (0.9, 0.999), muon_lr=0.02, lookahead_k=2)
+    for group in opt.param_groups:
+        group["lookahead_alpha"] = 0.5
+    for seed in range(3):  # one sync at step 2; step 3 leaves the fast weights off the slow ones
+        opt.zero_grad()
+        _loss(net, seed).backward()
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert sum("lookahead_slow_buff" in s for part in saved.values() for s in part["state"].values()) == len(
+        list(net.parameters())
+    )
+    twin = copy.deepcopy(net)
+    twin_opt = build_optimizer(twin, 1e-3, 0.05, (0.9, 0.999), muon_lr=0.02, lookahead_k=2)
+    twin_opt.load_state_dict(saved)
+    for o, n in ((opt, net), (twin_opt, twin)):
+        o.zero_grad()
+        _loss(n, 7).backward()
+        o.step()  # step 4: a sync, from the saved slow weights
+    for a, b in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
