@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from tests.conftest import FAST, TINY_MODEL, compose_train
 from vit.checkpoint import load_checkpoint
 from vit.model import VisionTransformer
-from vit.optim import Muon, MuonAdamW, build_optimizer, lookahead_alpha, newton_schulz, param_groups
-from vit.schedule import lr_factor
+from vit.optim import Muon, MuonAdamW, build_optimizer, newton_schulz, param_groups
+from vit.schedule import lookahead_alpha, lr_factor
 from vit.train import train
 
 NET = dict(img_size=16, patch_size=4, num_classes=3, embed_dim=16, depth=2, num_heads=2)

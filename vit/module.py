@@ -19,8 +19,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vit.errors import DivergedError
 from vit.model import VisionTransformer, zero_residuals_
-from vit.optim import build_optimizer, lookahead_alpha
-from vit.schedule import RunClock, lr_factor, parse_depth_schedule, parse_patch_drop_schedule, value_at
+from vit.optim import build_optimizer
+from vit.schedule import RunClock, lookahead_alpha, lr_factor, parse_depth_schedule, parse_patch_drop_schedule, value_at
 from vit.tta import tta_logits
 
 

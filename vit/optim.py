@@ -16,8 +16,9 @@ every group, each with its own `peak_lr`.
 Lookahead (Zhang et al. 2019; `timm.optim.Lookahead`, as airbench uses it): every `k` steps the
 slow weights move `lookahead_alpha` of the way to the optimizer's (fast) weights, and the fast
 weights restart from them (the slow weights start as the weights of the first sync). alpha 1
-leaves the optimizer as it is; the schedule (`lookahead_alpha`) lowers it along the run, so late
-in the run each restart is an average of the recent weights (airbench: 1 - 0.95^5 x fraction^3, down to 0.23 at the end).
+leaves the optimizer as it is; the schedule (`vit.schedule.lookahead_alpha`, set each step by
+`ViTClassifier._follow_schedules`) lowers it along the run, so late in the run each restart is an
+average of the recent weights (airbench: 1 - 0.95^5 x fraction^3, down to 0.23 at the end).
 """
 
 from __future__ import annotations
@@ -203,9 +204,3 @@ def build_optimizer(
     else:
         opt = MuonAdamW(muon, adamw, betas=tuple(betas), momentum=muon_momentum)
     return Lookahead(opt, alpha=1.0, k=lookahead_k) if lookahead_k else opt
-
-
-def lookahead_alpha(fraction: float, decay: float, power: float) -> float:
-    """Lookahead's step toward the fast weights at `fraction` of the run: 1 - decay x fraction^power
-    (1 at the start: no averaging; 1 - decay at the end)."""
-    return 1.0 - decay * fraction**power

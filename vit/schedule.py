@@ -4,7 +4,7 @@ One number drives every schedule (the learning rate, the training image size, th
 padding, the share of patch tokens dropped, the number of blocks trained, Lookahead's alpha):
 the fraction of the run done, a pure function of the step count and the clock (`run_fraction`).
 `RunClock`, a Lightning callback, refreshes it once per step; the schedules read `clock.fraction`
-and are plain functions of it (`lr_factor`, `value_at` for piecewise-constant schedules).
+and are plain functions of it (`lr_factor`, `lookahead_alpha`, `value_at` for piecewise-constant schedules).
 
 When is it refreshed? Lightning moves a batch to the device (where the data side applies the
 image-size schedule) before `on_train_batch_start`, so the clock is refreshed at `on_train_start`
@@ -49,6 +49,12 @@ def lr_factor(fraction: float, warmup: float, min_lr_ratio: float, decay: str = 
     progress = min(1.0, (fraction - warmup) / (1.0 - warmup)) if warmup < 1.0 else 1.0
     remaining = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return min_lr_ratio + (1.0 - min_lr_ratio) * remaining
+
+
+def lookahead_alpha(fraction: float, decay: float, power: float) -> float:
+    """Lookahead's step toward the fast weights at `fraction` of the run: 1 - decay x fraction^power
+    (1 at the start: no averaging; 1 - decay at the end)."""
+    return 1.0 - decay * fraction**power
 
 
 def parse_schedule(
