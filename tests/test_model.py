@@ -619,3 +619,55 @@ def test_whiten_patch_embed_eps_damps_the_directions_that_barely_vary_and_needs_
         whiten_patch_embed_(PatchEmbed(16, 4, 3, 32, strict_img_size=False), x)
     with pytest.raises(ValueError, match="more than 48 patches"):
         whiten_patch_embed_(PatchEmbed(16, 4, 3, 64, strict_img_size=False), x[:2])
+
+
+def test_self_mask_keeps_each_token_from_attending_to_itself():
+    # Locality self-attention's diagonal masking: each row of probabilities is a softmax over the
+    # other tokens only, so the diagonal is exactly 0 and the rest equals the softmax of the
+    # off-diagonal logits alone.
+    torch.manual_seed(0)
+    attn = Attention(16, num_heads=2, qkv_bias=True, fused_attn=False, self_mask=True).eval()
+    x = torch.randn(2, 5, 16)
+    seen = []
+    attn.attn_drop.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    out = attn(x)
+    p = seen[0]  # (2, 2, 5, 5)
+    assert torch.equal(p.diagonal(dim1=-2, dim2=-1), torch.zeros(2, 2, 5))
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 2, 5))
+    q, k, v = attn.qkv(x).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-2, -1)) * 8**-0.5
+    for i in range(5):
+        others = [j for j in range(5) if j != i]
+        torch.testing.assert_close(p[..., i, others], logits[..., i, others].softmax(-1))
+    # Unmasked, the same weights give other outputs.
+    attn.self_mask = False
+    assert not torch.allclose(attn(x), out)
+
+
+@pytest.mark.parametrize("kw", [dict(TINY), dict(TINY, class_token=False, global_pool="avg", reg_tokens=2)])
+def test_self_mask_fused_equals_explicit_and_the_class_token_forward_equals_the_full_one(kw):
+    kw = dict(kw, self_mask=True)
+    torch.manual_seed(0)
+    fused = VisionTransformer(**kw, fused_attn=True)
+    explicit = VisionTransformer(**kw, fused_attn=False)
+    explicit.load_state_dict(fused.state_dict())
+    x, y = _images(kw), torch.tensor([0, 3, 4])
+    outs = [m(x) for m in (fused, explicit)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    for out in outs:
+        torch.nn.functional.cross_entropy(out, y).backward()
+    for (name, p), q in zip(fused.named_parameters(), explicit.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # The class token's one-query last block masks the same diagonal entry as the full block does.
+    torch.testing.assert_close(explicit(x), explicit.forward_head(explicit.forward_features(x)), atol=1e-6, rtol=0)
+    # Switched off, the same weights are timm's model again (self_mask adds no parameters).
+    plain = VisionTransformer(**dict(kw, self_mask=False))
+    plain.load_state_dict(explicit.state_dict(), strict=True)
+    assert not torch.allclose(plain(x), outs[1])
+    assert VisionTransformer(**explicit.config).config["self_mask"] is True
+
+
+def test_self_mask_refuses_a_lone_token():
+    m = VisionTransformer(**dict(TINY, img_size=4, class_token=False, global_pool="avg", self_mask=True))
+    with pytest.raises(ValueError, match="self_mask needs at least 2 tokens"):
+        m(torch.randn(1, 3, 4, 4))

@@ -135,6 +135,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.pos_drop_rate": RATE,
     "model.patch_drop_rate": RATE,
     "model.qk_norm": BOOL,
+    "model.self_mask": BOOL,
     "model.whiten_patches": BOOL,
     "model.proj_drop_rate": RATE,
     "model.attn_drop_rate": RATE,

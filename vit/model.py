@@ -115,6 +115,7 @@ class Attention(nn.Module):
         proj_drop: float = 0.0,
         fused_attn: bool = True,
         qk_norm: bool = False,
+        self_mask: bool = False,
     ) -> None:
         super().__init__()
         if num_heads <= 0 or dim % num_heads != 0:
@@ -131,6 +132,9 @@ class Attention(nn.Module):
         # the attention logits, so a high learning rate cannot blow the softmax up.
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        # self_mask: no token attends to itself (the diagonal masking of Lee et al. 2021's locality
+        # self-attention); its own value still reaches the block's output through the residual.
+        self.self_mask = self_mask
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -152,6 +156,13 @@ class Attention(nn.Module):
         k, v = kv.reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
+    @staticmethod
+    def _diagonal(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+        """(num_queries, num_keys) bool, True where query i meets key i: itself."""
+        if num_keys < 2:
+            raise ValueError("self_mask needs at least 2 tokens: a lone token would have nothing to attend to")
+        return torch.eye(num_queries, num_keys, dtype=torch.bool, device=device)
+
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         """(B, N, C) -> (B, N, C); with `num_queries`, only the first num_queries tokens attend
         (to all N tokens): (B, num_queries, C), the same rows the full call would give."""
@@ -162,10 +173,19 @@ class Attention(nn.Module):
             q, k, v = self._qkv_first(x, num_queries)  # q: (B, heads, num_queries, head_dim)
             N = num_queries
         q, k = self.q_norm(q), self.k_norm(k)
+        diagonal = self._diagonal(N, k.shape[-2], x.device) if self.self_mask else None  # (N, N_keys) or None
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+            x = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if diagonal is None else ~diagonal,  # True: may attend
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+            )
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            if diagonal is not None:
+                attn = attn.masked_fill(diagonal, float("-inf"))
             attn = attn.softmax(dim=-1)
             attn = self.attn_drop(attn)
             x = attn @ v  # (B, heads, N, head_dim)
@@ -406,10 +426,11 @@ class Block(nn.Module):
         fused_attn: bool = True,
         qk_norm: bool = False,
         mlp_layer: str = "mlp",
+        self_mask: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn, qk_norm)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn, qk_norm, self_mask)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -502,7 +523,8 @@ class VisionTransformer(nn.Module):
     Extra over timm: `pos_embed="sincos"` (a fixed buffer, not a parameter; its lowest frequency
     set by `pos_embed_temperature`, as in timm's `build_sincos2d_pos_embed`), `fused_attn`, and
     `weight_init="mimetic"` (`mimetic_init_` of each attention layer after timm's init) and, with
-    sin-cos positions, `weight_init="impulse"` (`impulse_init_`).
+    sin-cos positions, `weight_init="impulse"` (`impulse_init_`), and `self_mask` (no token
+    attends to itself: the diagonal masking of Lee et al. 2021's locality self-attention).
     `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
     """
@@ -538,6 +560,7 @@ class VisionTransformer(nn.Module):
         dynamic_img_size: bool = False,
         weight_init: str = "",
         fused_attn: bool = True,
+        self_mask: bool = False,
     ) -> None:
         super().__init__()
         # Plain primitives only: checkpoints store this dict and tools rebuild from it.
@@ -570,6 +593,7 @@ class VisionTransformer(nn.Module):
             "dynamic_img_size": dynamic_img_size,
             "weight_init": weight_init,
             "fused_attn": fused_attn,
+            "self_mask": self_mask,
         }
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
@@ -650,6 +674,7 @@ class VisionTransformer(nn.Module):
                     fused_attn=fused_attn,
                     qk_norm=qk_norm,
                     mlp_layer=mlp_layer,
+                    self_mask=self_mask,
                 )
                 for i in range(depth)
             ]
