@@ -1,5 +1,7 @@
 """The network: shapes, fused == explicit, timm parity by construction, timm checkpoints, errors."""
 
+import math
+
 import pytest
 import torch
 from timm.layers import SwiGLUPacked
@@ -18,6 +20,7 @@ from vit.model import (
     whiten_patch_embed_,
     zero_residuals_,
 )
+from vit.optim import param_groups
 from vit.pretrained import load_timm_weights
 
 TINY = dict(img_size=16, patch_size=4, num_classes=5, embed_dim=32, depth=2, num_heads=4)
@@ -671,3 +674,48 @@ def test_self_mask_refuses_a_lone_token():
     m = VisionTransformer(**dict(TINY, img_size=4, class_token=False, global_pool="avg", self_mask=True))
     with pytest.raises(ValueError, match="self_mask needs at least 2 tokens"):
         m(torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_learned_temperature_starts_as_the_fixed_scale_and_scales_each_heads_logits(fused):
+    kw = dict(TINY, learned_temperature=True, fused_attn=fused)
+    torch.manual_seed(0)
+    m = VisionTransformer(**kw)
+    plain = VisionTransformer(**dict(kw, learned_temperature=False))
+    weights = {k: v for k, v in m.state_dict().items() if not k.endswith("log_temperature")}
+    plain.load_state_dict(weights, strict=True)  # the temperature is the one extra parameter
+    x = _images(kw)
+    torch.testing.assert_close(m(x), plain(x), atol=1e-6, rtol=0)
+    # A temperature of twice the scale on every head is the plain model with its queries doubled.
+    C = kw["embed_dim"]
+    with torch.no_grad():
+        for blk, pblk in zip(m.blocks, plain.blocks):
+            blk.attn.log_temperature.fill_(math.log(2 * blk.attn.scale))
+            pblk.attn.qkv.weight[:C] *= 2
+            pblk.attn.qkv.bias[:C] *= 2
+    torch.testing.assert_close(m(x), plain(x), atol=1e-5, rtol=0)
+    # It learns: each head's temperature gets its own gradient, and no weight decay.
+    torch.nn.functional.cross_entropy(m(x), torch.tensor([0, 3, 4])).backward()
+    g = m.blocks[0].attn.log_temperature.grad
+    assert g.shape == (4,) and torch.all(g != 0) and len(set(g.tolist())) == 4
+    _, (decay, no_decay) = param_groups(m, lr=1e-3, weight_decay=0.1)
+    assert any(p is m.blocks[0].attn.log_temperature for p in no_decay["params"])
+    assert not any(p is m.blocks[0].attn.log_temperature for p in decay["params"])
+
+
+def test_learned_temperature_fused_equals_explicit_with_the_self_mask():
+    kw = dict(TINY, learned_temperature=True, self_mask=True, class_token=False, global_pool="avg")
+    torch.manual_seed(0)
+    fused = VisionTransformer(**kw, fused_attn=True)
+    with torch.no_grad():
+        for blk in fused.blocks:
+            blk.attn.log_temperature.uniform_(-2.0, 0.0)
+    explicit = VisionTransformer(**kw, fused_attn=False)
+    explicit.load_state_dict(fused.state_dict(), strict=True)
+    x = _images(kw)
+    outs = [m(x) for m in (fused, explicit)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    for out in outs:
+        out.square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), explicit.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -136,6 +136,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.patch_drop_rate": RATE,
     "model.qk_norm": BOOL,
     "model.self_mask": BOOL,
+    "model.learned_temperature": BOOL,
     "model.whiten_patches": BOOL,
     "model.proj_drop_rate": RATE,
     "model.attn_drop_rate": RATE,

@@ -116,6 +116,7 @@ class Attention(nn.Module):
         fused_attn: bool = True,
         qk_norm: bool = False,
         self_mask: bool = False,
+        learned_temperature: bool = False,
     ) -> None:
         super().__init__()
         if num_heads <= 0 or dim % num_heads != 0:
@@ -135,6 +136,11 @@ class Attention(nn.Module):
         # self_mask: no token attends to itself (the diagonal masking of Lee et al. 2021's locality
         # self-attention); its own value still reaches the block's output through the residual.
         self.self_mask = self_mask
+        # learned_temperature: each head's logit scale is a parameter (the other half of locality
+        # self-attention), kept as a log so it stays positive; it starts at head_dim^-0.5.
+        self.log_temperature = (
+            nn.Parameter(torch.full((num_heads,), math.log(self.scale))) if learned_temperature else None
+        )
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -174,16 +180,22 @@ class Attention(nn.Module):
             N = num_queries
         q, k = self.q_norm(q), self.k_norm(k)
         diagonal = self._diagonal(N, k.shape[-2], x.device) if self.self_mask else None  # (N, N_keys) or None
+        scale = self.scale
+        if self.log_temperature is not None:
+            scale = self.log_temperature.exp().to(q.dtype)[:, None, None]  # per head: (heads, 1, 1)
         if self.fused_attn:
+            if self.log_temperature is not None:
+                q = q * scale
             x = F.scaled_dot_product_attention(
                 q,
                 k,
                 v,
                 attn_mask=None if diagonal is None else ~diagonal,  # True: may attend
                 dropout_p=self.attn_drop.p if self.training else 0.0,
+                scale=None if self.log_temperature is None else 1.0,
             )
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+            attn = (q * scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
             if diagonal is not None:
                 attn = attn.masked_fill(diagonal, float("-inf"))
             attn = attn.softmax(dim=-1)
@@ -427,10 +439,13 @@ class Block(nn.Module):
         qk_norm: bool = False,
         mlp_layer: str = "mlp",
         self_mask: bool = False,
+        learned_temperature: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn, qk_norm, self_mask)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias, attn_drop, proj_drop, fused_attn, qk_norm, self_mask, learned_temperature
+        )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -524,7 +539,8 @@ class VisionTransformer(nn.Module):
     set by `pos_embed_temperature`, as in timm's `build_sincos2d_pos_embed`), `fused_attn`, and
     `weight_init="mimetic"` (`mimetic_init_` of each attention layer after timm's init) and, with
     sin-cos positions, `weight_init="impulse"` (`impulse_init_`), and `self_mask` (no token
-    attends to itself: the diagonal masking of Lee et al. 2021's locality self-attention).
+    attends to itself) and `learned_temperature` (a learned logit scale per head): the two parts of
+    Lee et al. 2021's locality self-attention.
     `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
     """
@@ -561,6 +577,7 @@ class VisionTransformer(nn.Module):
         weight_init: str = "",
         fused_attn: bool = True,
         self_mask: bool = False,
+        learned_temperature: bool = False,
     ) -> None:
         super().__init__()
         # Plain primitives only: checkpoints store this dict and tools rebuild from it.
@@ -594,6 +611,7 @@ class VisionTransformer(nn.Module):
             "weight_init": weight_init,
             "fused_attn": fused_attn,
             "self_mask": self_mask,
+            "learned_temperature": learned_temperature,
         }
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
@@ -675,6 +693,7 @@ class VisionTransformer(nn.Module):
                     qk_norm=qk_norm,
                     mlp_layer=mlp_layer,
                     self_mask=self_mask,
+                    learned_temperature=learned_temperature,
                 )
                 for i in range(depth)
             ]
