@@ -536,11 +536,11 @@ class VisionTransformer(nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2021) with timm's keywords, defaults and names.
 
     Extra over timm: `pos_embed="sincos"` (a fixed buffer, not a parameter; its lowest frequency
-    set by `pos_embed_temperature`, as in timm's `build_sincos2d_pos_embed`), `fused_attn`, and
+    set by `pos_embed_temperature`, as in timm's `build_sincos2d_pos_embed`); `fused_attn`;
     `weight_init="mimetic"` (`mimetic_init_` of each attention layer after timm's init) and, with
-    sin-cos positions, `weight_init="impulse"` (`impulse_init_`), and `self_mask` (no token
-    attends to itself) and `learned_temperature` (a learned logit scale per head): the two parts of
-    Lee et al. 2021's locality self-attention.
+    sin-cos positions, `weight_init="impulse"` (`impulse_init_`); `self_mask` (no token attends to
+    itself) and `learned_temperature` (a learned logit scale per head), the two parts of Lee et
+    al. 2021's locality self-attention.
     `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
     """
