@@ -123,7 +123,7 @@ def test_variant_mode_refuses_what_is_not_a_model_keyword(monkeypatch, capsys):
         ("num_heads", "must be KEY=VALUE"),
         ("precision=fp16", "bf16 or fp32"),
         ("compile=maybe", "compile='maybe': true or false"),
-        ("global_pool=max", "global_pool must be one of"),  # the model's own check
+        ("global_pool=map", "global_pool must be one of"),  # the model's own check
     ]:
         monkeypatch.setattr(sys, "argv", ["benchmark.py", "--variant", variant, "--json", "unused.json"])
         with pytest.raises(SystemExit, match=message):

@@ -50,6 +50,10 @@ PARITY = [
     # The gated SiLU MLP (timm's SwiGLUPacked): fc1 packs gate and value, fc2 half as wide.
     dict(TINY, mlp_layer="swiglu"),
     dict(TINY, mlp_layer="swiglu", mlp_ratio=2.5, class_token=False, global_pool="avg", qkv_bias=False),
+    # The patch tokens' largest value per feature, and its mean with their average (timm's "max", "avgmax").
+    dict(TINY, class_token=False, global_pool="max"),
+    dict(TINY, global_pool="avgmax", reg_tokens=2),
+    dict(TINY, class_token=False, global_pool="avgmax", fc_norm=False),
 ]
 
 
@@ -94,6 +98,31 @@ def test_patch_tokens_are_row_major():
     x[0, 0, 0:4, 4:8] = 1.0  # top-right patch -> token 1 in raster order
     x[0, 0, 4:8, 0:4] = 2.0  # bottom-left patch -> token 2
     assert pe(x)[0, :, 0].tolist() == [0.0, 16.0, 32.0, 0.0]
+
+
+@pytest.mark.parametrize("pool", ["avg", "max", "avgmax"])
+def test_global_pool_reduces_the_patch_tokens_only(pool):
+    m = VisionTransformer(**dict(TINY, reg_tokens=2, class_token=False, global_pool=pool)).eval()
+    feats = torch.randn(3, 2 + 16, 32)
+    feats[:, :2] = 1e3  # registers: left out of every reduction
+    patches = feats[:, 2:]
+    expected = {
+        "avg": patches.mean(1),
+        "max": patches.max(1).values,
+        "avgmax": (patches.max(1).values + patches.mean(1)) / 2,
+    }[pool]
+    torch.testing.assert_close(m.pool(feats), expected, rtol=0, atol=1e-6)
+    # The final LayerNorm moves after the pooling (timm's fc_norm default for these pools).
+    assert isinstance(m.norm, nn.Identity) and isinstance(m.fc_norm, nn.LayerNorm)
+    torch.testing.assert_close(m.forward_head(feats, pre_logits=True), m.fc_norm(expected))
+
+
+def test_max_pool_sends_each_feature_gradient_to_one_token():
+    m = VisionTransformer(**dict(TINY, class_token=False, global_pool="max"))
+    feats = torch.randn(2, 16, 32, requires_grad=True)
+    m.pool(feats).sum().backward()
+    # One token per (image, feature) holds the maximum and gets the whole gradient.
+    assert feats.grad.sum(1).eq(1).all() and feats.grad.ne(0).sum(1).eq(1).all()
 
 
 def test_config_rebuilds_model():
@@ -401,7 +430,7 @@ def test_load_timm_weights_rejects_mismatched_model(tmp_path):
     [
         (dict(TINY, img_size=18), r"img_size \(18, 18\) is not divisible by patch_size \(4, 4\)"),
         (dict(TINY, num_heads=5), "embed_dim 32 is not divisible by num_heads 5"),
-        (dict(TINY, global_pool="max"), "global_pool must be one of"),
+        (dict(TINY, global_pool="map"), "global_pool must be one of"),
         (dict(TINY, class_token=False), "needs class_token=True"),
         (dict(TINY, pos_embed="rope"), "pos_embed must be one of"),
         (dict(TINY, pos_embed="sincos", pos_embed_temperature=0.0), "pos_embed_temperature must be > 0, got 0.0"),

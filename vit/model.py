@@ -33,7 +33,7 @@ __all__ = [
     "whiten_patch_embed_",
 ]
 
-GLOBAL_POOLS = ("token", "avg", "")
+GLOBAL_POOLS = ("token", "avg", "avgmax", "max", "")
 POS_EMBEDS = ("learn", "sincos", "none")
 WEIGHT_INITS = ("", "mimetic", "impulse")  # timm's default init; ours: mimetic_init_ / impulse_init_ on top of it
 
@@ -647,7 +647,7 @@ class VisionTransformer(nn.Module):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {rate}")
 
-        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
@@ -796,11 +796,19 @@ class VisionTransformer(nn.Module):
         return self.blocks if self.active_blocks is None else self.blocks[: self.active_blocks]
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.global_pool == "avg":
-            return x[:, self.num_prefix_tokens :].mean(dim=1)  # mean over patch tokens
+        """(B, N, D) -> (B, D) as timm pools: the class token, or a reduction over the patch tokens."""
         if self.global_pool == "token":
             return x[:, 0]  # class token
-        return x
+        if not self.global_pool:
+            return x
+        x = x[:, self.num_prefix_tokens :]  # the patch tokens
+        if self.global_pool == "avg":
+            return x.mean(dim=1)
+        if self.global_pool == "max":
+            # Each feature's largest value over the tokens: where in the image a feature fires
+            # does not matter, as airbench's global max pool (a CNN's) has it.
+            return x.amax(dim=1)
+        return 0.5 * (x.amax(dim=1) + x.mean(dim=1))  # avgmax: timm's order of the sum
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.fc_norm(self.pool(x))
