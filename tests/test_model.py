@@ -14,8 +14,10 @@ from vit.model import (
     Attention,
     PatchEmbed,
     VisionTransformer,
+    apply_rope,
     impulse_init_,
     resample_pos_embed,
+    rope_2d,
     sincos_pos_embed_2d,
     whiten_patch_embed_,
     zero_residuals_,
@@ -748,3 +750,102 @@ def test_learned_temperature_fused_equals_explicit_with_the_self_mask():
         out.square().sum().backward()
     for (name, p), q in zip(fused.named_parameters(), explicit.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# -- rotary positions (model.rope) -----------------------------------------------------------
+
+
+def test_rope_logits_depend_on_the_offset_between_query_and_key_only():
+    # The same query and key vector at every position of a 4 x 4 grid: after the rotations their
+    # dot products depend on (dy, dx) = p_key - p_query alone, and every vector keeps its length.
+    torch.manual_seed(0)
+    rope = rope_2d((4, 4), head_dim=16, theta=100.0)
+    q = torch.randn(16).expand(1, 1, 16, 16)  # (B, heads, N, head_dim)
+    k = torch.randn(16).expand(1, 1, 16, 16)
+    rq, rk = apply_rope(q, rope), apply_rope(k, rope)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))
+    logits = (rq @ rk.transpose(-2, -1))[0, 0]  # (16, 16)
+    by_offset = {}
+    for i in range(16):
+        for j in range(16):
+            off = (j // 4 - i // 4, j % 4 - i % 4)
+            by_offset.setdefault(off, []).append(logits[i, j])
+    for off, vals in by_offset.items():
+        torch.testing.assert_close(torch.stack(vals), vals[0].expand(len(vals)), atol=1e-5, rtol=0, msg=str(off))
+    assert len({round(v[0].item(), 4) for v in by_offset.values()}) > 40  # offsets tell apart (49 of them)
+    # Token 0 sits at (0, 0): no rotation; the next row turns the y half only.
+    torch.testing.assert_close(rq[0, 0, 0], q[0, 0, 0])
+    torch.testing.assert_close(rq[0, 0, 4, 8:], q[0, 0, 4, 8:])
+    assert not torch.allclose(rq[0, 0, 4, :8], q[0, 0, 4, :8])
+
+
+def test_rope_positions_on_a_smaller_grid_count_patches_of_the_built_one():
+    # A 2 x 2 grid on a model built for 4 x 4 puts its patches at the centres 0.5 and 2.5 (as the
+    # sin-cos embedding does): offsets between them are 2 built patches, the same image distance.
+    sin, cos = rope_2d((2, 2), head_dim=8, theta=100.0, base_grid=(4, 4))
+    ys = torch.tensor([0.5, 0.5, 2.5, 2.5])
+    xs = torch.tensor([0.5, 2.5, 0.5, 2.5])
+    omega = torch.tensor([1.0, 0.1])  # head_dim 8: 2 frequencies per axis, 1 and 100^-1/2
+    torch.testing.assert_close(sin[:, :2], (ys[:, None] * omega).sin())
+    torch.testing.assert_close(cos[:, 4:6], (xs[:, None] * omega).cos())
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(TINY), dict(TINY, class_token=False, global_pool="avg", reg_tokens=2, pos_embed="sincos")]
+)
+def test_rope_model_fused_equals_explicit_keeps_prefix_tokens_and_rebuilds(kw):
+    kw = dict(kw, rope=True, dynamic_img_size=True)
+    torch.manual_seed(0)
+    fused = VisionTransformer(**kw, fused_attn=True)
+    explicit = VisionTransformer(**kw, fused_attn=False)
+    explicit.load_state_dict(fused.state_dict(), strict=True)  # rope adds no parameters
+    x, y = _images(kw), torch.tensor([0, 3, 4])
+    outs = [m(x) for m in (fused, explicit)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    for out in outs:
+        torch.nn.functional.cross_entropy(out, y).backward()
+    for (name, p), q in zip(fused.named_parameters(), explicit.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # The class token's one-query last block rotates the same rows the full block does.
+    torch.testing.assert_close(explicit(x), explicit.forward_head(explicit.forward_features(x)), atol=1e-6, rtol=0)
+    # Another image size runs (progressive resizing), and switched off the weights give other logits.
+    assert explicit(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+    plain = VisionTransformer(**dict(kw, rope=False))
+    plain.load_state_dict(explicit.state_dict(), strict=True)
+    assert not torch.allclose(plain(x), outs[1])
+    assert VisionTransformer(**explicit.config).config["rope"] is True
+
+
+def test_rope_leaves_prefix_rows_and_rotates_patch_rows_in_the_steps_dtype():
+    rope = rope_2d((2, 2), head_dim=8)
+    t = torch.randn(1, 1, 2 + 4, 8, dtype=torch.bfloat16)
+    out = apply_rope(t, rope, prefix=2)
+    assert out.dtype == torch.bfloat16  # a float32 table would have promoted the step
+    assert torch.equal(out[..., :2, :], t[..., :2, :])
+    assert torch.equal(apply_rope(t[..., :1, :], rope, prefix=2), t[..., :1, :])  # queries of the class token only
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(TINY, rope=True, patch_drop_rate=0.5), "set patch_drop_rate=0 with rope=True"),
+        (
+            dict(TINY, rope=True, embed_dim=24, num_heads=4),
+            r"rope needs head_dim divisible by 4 \(a pair per frequency per axis\), got 6",
+        ),
+        (dict(TINY, rope=True, rope_theta=0.0), "rope_theta must be > 0"),
+        (dict(TINY, rope_theta=50.0), "rope=False does not use it"),
+    ],
+)
+def test_rope_refuses_what_it_cannot_do(kw, match):
+    with pytest.raises(ValueError, match=match):
+        VisionTransformer(**kw)
+
+
+def test_rope_refuses_patch_dropping_switched_on_later():
+    m = VisionTransformer(**dict(TINY, rope=True))
+    m.patch_drop.prob = 0.5  # what optim.patch_drop_schedule does during a run
+    with pytest.raises(RuntimeError, match="switch patch dropping off"):
+        m(_images(TINY))
+    m.eval()  # patch dropping is identity in eval mode: fine
+    assert m(_images(TINY)).shape == (3, 5)

@@ -130,6 +130,13 @@ def test_depth_schedule_parses_growing_block_counts_and_refuses_bad_ones():
             parse_depth_schedule(schedule, depth=3)
 
 
+def test_rope_beside_patch_dropping_is_refused_at_compose_time(tmp_path):
+    check_train_config(compose_train(["model.rope=true"], tmp_path))
+    for drop in ("optim.patch_drop_schedule=[[0,0.5],[0.5,0]]", "model.patch_drop_rate=0.25"):
+        with pytest.raises(ConfigError, match="model.rope rotates each patch token"):
+            check_train_config(compose_train(["model.rope=true", drop], tmp_path))
+
+
 def test_depth_schedule_is_refused_at_compose_time_beside_ddp_that_waits_for_every_gradient(tmp_path):
     ok = compose_train(["model.depth=3", "optim.depth_schedule=[[0,2],[0.5,3]]"], tmp_path)
     check_train_config(ok)

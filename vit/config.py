@@ -137,6 +137,8 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.qk_norm": BOOL,
     "model.self_mask": BOOL,
     "model.learned_temperature": BOOL,
+    "model.rope": BOOL,
+    "model.rope_theta": POSITIVE,
     "model.whiten_patches": BOOL,
     "model.proj_drop_rate": RATE,
     "model.attn_drop_rate": RATE,
@@ -255,6 +257,11 @@ def check_train_config(cfg: DictConfig) -> None:
                 f"data.crop_padding_schedule paddings {too_wide} must be below {img_size} for {img_size} px images "
                 "(reflect padding takes at most image size - 1 pixels)"
             )
+    if model.get("rope") and (optim.get("patch_drop_schedule") or model.get("patch_drop_rate")):
+        raise ConfigError(
+            "model.rope rotates each patch token by its grid position, which patch dropping discards: "
+            "drop optim.patch_drop_schedule / model.patch_drop_rate, or set model.rope=false"
+        )
     depths = parse_depth_schedule(
         OmegaConf.to_container(optim.depth_schedule) if optim.get("depth_schedule") else None, model.depth
     )

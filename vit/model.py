@@ -169,9 +169,13 @@ class Attention(nn.Module):
             raise ValueError("self_mask needs at least 2 tokens: a lone token would have nothing to attend to")
         return torch.eye(num_queries, num_keys, dtype=torch.bool, device=device)
 
-    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, num_queries: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """(B, N, C) -> (B, N, C); with `num_queries`, only the first num_queries tokens attend
-        (to all N tokens): (B, num_queries, C), the same rows the full call would give."""
+        (to all N tokens): (B, num_queries, C), the same rows the full call would give.
+        rope: (sin, cos), each (N_patches, head_dim), from `rope_2d`: the queries and keys of the
+        last N_patches tokens are rotated by their positions (the prefix tokens before them are not)."""
         B, N, C = x.shape
         if num_queries is None:
             q, k, v = self._qkv(x)  # each (B, heads, N, head_dim)
@@ -179,6 +183,9 @@ class Attention(nn.Module):
             q, k, v = self._qkv_first(x, num_queries)  # q: (B, heads, num_queries, head_dim)
             N = num_queries
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            prefix = k.shape[-2] - rope[0].shape[0]  # tokens before the patches: class token, registers
+            q, k = apply_rope(q, rope, prefix), apply_rope(k, rope, prefix)
         diagonal = self._diagonal(N, k.shape[-2], x.device) if self.self_mask else None  # (N, N_keys) or None
         scale = self.scale
         if self.log_temperature is not None:
@@ -203,6 +210,62 @@ class Attention(nn.Module):
             x = attn @ v  # (B, heads, N, head_dim)
         x = x.transpose(1, 2).reshape(B, N, C)  # concatenate heads
         return self.proj_drop(self.proj(x))
+
+
+def rope_2d(
+    grid_size: tuple[int, int],
+    head_dim: int,
+    theta: float = 100.0,
+    base_grid: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial 2-D rotary position embedding (Su et al. 2021; for images Heo et al. 2024,
+    "Rotary position embedding for vision transformer"): (sin, cos), each (gh*gw, head_dim).
+
+    The first half of each head's channels turns with the patch's row, the second with its column,
+    in head_dim/4 pairs per axis at frequencies 1 down to ~1/theta radian per patch. A query at p
+    and a key at p' rotated so meet at an angle that depends on p - p' only: the logits see
+    relative positions. Positions count patches of `base_grid` (default: the grid itself), each patch
+    at its centre, as in `sincos_pos_embed_2d`, so progressive resizing keeps a region's offsets.
+    """
+    if head_dim % 4 != 0:
+        raise ValueError(f"rope needs head_dim divisible by 4 (a pair per frequency per axis), got {head_dim}")
+    if not theta > 0:
+        raise ValueError(f"rope_theta must be > 0, got {theta}")
+    gh, gw = grid_size
+    bh, bw = base_grid or grid_size
+    ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) * (bh / gh) - 0.5
+    xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) * (bw / gw) - 0.5
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    n = head_dim // 4
+    omega = 1.0 / theta ** (torch.arange(n, dtype=torch.float32, device=device) / n)  # (n,)
+    ay = y.flatten()[:, None] * omega  # (N, n): the row's angle per frequency
+    ax = x.flatten()[:, None] * omega
+    # Channel layout per head: [y pair a | y pair b | x pair a | x pair b], n channels each; the
+    # pairs are (channel i, channel i + n) within each axis' half, as `_rotate_half_axial` pairs them.
+    sin = torch.cat([ay.sin(), ay.sin(), ax.sin(), ax.sin()], dim=1)
+    cos = torch.cat([ay.cos(), ay.cos(), ax.cos(), ax.cos()], dim=1)
+    return sin, cos
+
+
+def _rotate_half_axial(t: torch.Tensor) -> torch.Tensor:
+    """(..., head_dim): each axis' half [a, b] -> [-b, a] (a quarter-turn of every pair)."""
+    ya, yb, xa, xb = t.chunk(4, dim=-1)
+    return torch.cat([-yb, ya, -xb, xa], dim=-1)
+
+
+def apply_rope(t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], prefix: int = 0) -> torch.Tensor:
+    """Rotate the patch rows of t (B, heads, L, head_dim) by their positions; rows [0:prefix] (class
+    token, registers) stay. With L < prefix + N_patches (the class-token head's queries), the first
+    patch rows take the first positions."""
+    sin, cos = rope
+    if t.shape[-2] <= prefix:
+        return t
+    rows = t[..., prefix:, :]
+    n = rows.shape[-2]
+    # The tables in t's dtype: a float32 table would promote a bf16 step to float32.
+    rows = rows * cos[:n].to(t.dtype) + _rotate_half_axial(rows) * sin[:n].to(t.dtype)
+    return torch.cat([t[..., :prefix, :], rows], dim=-2) if prefix else rows
 
 
 def _noisy_identity_factors(dim: int, alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,10 +516,13 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, num_queries: int | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """(B, N, C) -> (B, N, C), or (B, num_queries, C): the outputs of the first tokens only,
-        which still attend to all N (what a class-token head reads from the last block)."""
-        h = self.attn(self.norm1(x), num_queries)
+        which still attend to all N (what a class-token head reads from the last block).
+        rope: the patch tokens' rotary tables (`rope_2d`), or None."""
+        h = self.attn(self.norm1(x), num_queries, rope)
         if num_queries is not None:
             x = x[:, :num_queries]
         x = x + self.drop_path1(self.ls1(h))
@@ -578,6 +644,8 @@ class VisionTransformer(nn.Module):
         fused_attn: bool = True,
         self_mask: bool = False,
         learned_temperature: bool = False,
+        rope: bool = False,
+        rope_theta: float = 100.0,
     ) -> None:
         super().__init__()
         # Plain primitives only: checkpoints store this dict and tools rebuild from it.
@@ -612,6 +680,8 @@ class VisionTransformer(nn.Module):
             "fused_attn": fused_attn,
             "self_mask": self_mask,
             "learned_temperature": learned_temperature,
+            "rope": rope,
+            "rope_theta": rope_theta,
         }
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
@@ -636,6 +706,15 @@ class VisionTransformer(nn.Module):
                 "need depth >= 1, embed_dim >= 1, num_classes >= 0, reg_tokens >= 0; "
                 f"got {depth}, {embed_dim}, {num_classes}, {reg_tokens}"
             )
+        if rope and patch_drop_rate > 0:
+            raise ValueError(
+                "rope rotates each patch token by its grid position, which patch dropping discards: "
+                "set patch_drop_rate=0 with rope=True"
+            )
+        if rope:
+            rope_2d((1, 1), embed_dim // max(num_heads, 1), rope_theta)  # head_dim and theta checked here
+        elif rope_theta != 100.0:
+            raise ValueError(f"rope_theta sets the rotary embedding; rope=False does not use it (got {rope_theta})")
         for name, rate in (
             ("drop_rate", drop_rate),
             ("pos_drop_rate", pos_drop_rate),
@@ -656,6 +735,7 @@ class VisionTransformer(nn.Module):
         self.num_reg_tokens = reg_tokens
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
+        self.rope_theta = rope_theta if rope else None  # None: no rotary embedding
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size)
         num_patches = self.patch_embed.num_patches
@@ -784,11 +864,23 @@ class VisionTransformer(nn.Module):
             return None
         return (x.shape[-2] // self.patch_embed.patch_size[0], x.shape[-1] // self.patch_embed.patch_size[1])
 
+    def _rope(self, grid: tuple[int, int] | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary tables of the patch grid (None without rope), positions in built-grid units."""
+        if self.rope_theta is None:
+            return None
+        if self.training and self.patch_drop.prob > 0:
+            raise RuntimeError("rope needs every patch token at its grid position: switch patch dropping off")
+        built = self.patch_embed.grid_size
+        head_dim = self.embed_dim // self.blocks[0].attn.num_heads
+        return rope_2d(grid or built, head_dim, self.rope_theta, base_grid=built, device=device)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         grid = self._grid(x)
+        rope = self._rope(grid, x.device)
         x = self.patch_embed(x)  # (B, N, D)
         x = self.patch_drop(self._pos_embed(x, grid))  # (B, prefix + N, D); fewer patches in training with patch_drop
-        x = self._running_blocks()(x)
+        for blk in self._running_blocks():
+            x = blk(x, rope=rope)
         return self.norm(x)
 
     def _running_blocks(self) -> nn.Sequential:
@@ -824,11 +916,12 @@ class VisionTransformer(nn.Module):
         # with about (depth - 5/6) / depth of the FLOPs (0.86x at depth 6); forward_features
         # still returns every token.
         grid = self._grid(x)
+        rope = self._rope(grid, x.device)
         x = self.patch_drop(self._pos_embed(self.patch_embed(x), grid))  # (B, 1 + N, D)
         blocks = self._running_blocks()
         for blk in blocks[:-1]:
-            x = blk(x)
-        x = self.norm(blocks[-1](x, num_queries=1))  # (B, 1, D)
+            x = blk(x, rope=rope)
+        x = self.norm(blocks[-1](x, num_queries=1, rope=rope))  # (B, 1, D)
         return self.forward_head(x)
 
 
