@@ -606,7 +606,8 @@ class VisionTransformer(nn.Module):
     `weight_init="mimetic"` (`mimetic_init_` of each attention layer after timm's init) and, with
     sin-cos positions, `weight_init="impulse"` (`impulse_init_`); `self_mask` (no token attends to
     itself) and `learned_temperature` (a learned logit scale per head), the two parts of Lee et
-    al. 2021's locality self-attention.
+    al. 2021's locality self-attention; `rope` (axial rotary positions on queries and keys,
+    `rope_2d`), beside or instead of `pos_embed`. `global_pool` takes timm's "avg", "max", "avgmax".
     `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
     """
