@@ -678,13 +678,13 @@ def test_self_mask_keeps_each_token_from_attending_to_itself():
     assert not torch.allclose(attn(x), out)
 
 
-@pytest.mark.parametrize("kw", [dict(TINY), dict(TINY, class_token=False, global_pool="avg", reg_tokens=2)])
-def test_self_mask_fused_equals_explicit_and_the_class_token_forward_equals_the_full_one(kw):
-    kw = dict(kw, self_mask=True)
+def _fused_and_explicit_agree(kw):
+    """The model with fused and with explicit attention, the same weights: equal logits and gradients.
+    Returns the explicit one, the images and its logits."""
     torch.manual_seed(0)
     fused = VisionTransformer(**kw, fused_attn=True)
     explicit = VisionTransformer(**kw, fused_attn=False)
-    explicit.load_state_dict(fused.state_dict())
+    explicit.load_state_dict(fused.state_dict(), strict=True)
     x, y = _images(kw), torch.tensor([0, 3, 4])
     outs = [m(x) for m in (fused, explicit)]
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
@@ -692,12 +692,19 @@ def test_self_mask_fused_equals_explicit_and_the_class_token_forward_equals_the_
         torch.nn.functional.cross_entropy(out, y).backward()
     for (name, p), q in zip(fused.named_parameters(), explicit.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    return explicit, x, outs[1]
+
+
+@pytest.mark.parametrize("kw", [dict(TINY), dict(TINY, class_token=False, global_pool="avg", reg_tokens=2)])
+def test_self_mask_fused_equals_explicit_and_the_class_token_forward_equals_the_full_one(kw):
+    kw = dict(kw, self_mask=True)
+    explicit, x, out = _fused_and_explicit_agree(kw)
     # The class token's one-query last block masks the same diagonal entry as the full block does.
     torch.testing.assert_close(explicit(x), explicit.forward_head(explicit.forward_features(x)), atol=1e-6, rtol=0)
     # Switched off, the same weights are timm's model again (self_mask adds no parameters).
     plain = VisionTransformer(**dict(kw, self_mask=False))
     plain.load_state_dict(explicit.state_dict(), strict=True)
-    assert not torch.allclose(plain(x), outs[1])
+    assert not torch.allclose(plain(x), out)
     assert VisionTransformer(**explicit.config).config["self_mask"] is True
 
 
@@ -795,24 +802,14 @@ def test_rope_positions_on_a_smaller_grid_count_patches_of_the_built_one():
 )
 def test_rope_model_fused_equals_explicit_keeps_prefix_tokens_and_rebuilds(kw):
     kw = dict(kw, rope=True, dynamic_img_size=True)
-    torch.manual_seed(0)
-    fused = VisionTransformer(**kw, fused_attn=True)
-    explicit = VisionTransformer(**kw, fused_attn=False)
-    explicit.load_state_dict(fused.state_dict(), strict=True)  # rope adds no parameters
-    x, y = _images(kw), torch.tensor([0, 3, 4])
-    outs = [m(x) for m in (fused, explicit)]
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
-    for out in outs:
-        torch.nn.functional.cross_entropy(out, y).backward()
-    for (name, p), q in zip(fused.named_parameters(), explicit.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    explicit, x, out = _fused_and_explicit_agree(kw)  # strict state dicts: rope adds no parameters
     # The class token's one-query last block rotates the same rows the full block does.
     torch.testing.assert_close(explicit(x), explicit.forward_head(explicit.forward_features(x)), atol=1e-6, rtol=0)
     # Another image size runs (progressive resizing), and switched off the weights give other logits.
     assert explicit(torch.randn(2, 3, 8, 8)).shape == (2, 5)
     plain = VisionTransformer(**dict(kw, rope=False))
     plain.load_state_dict(explicit.state_dict(), strict=True)
-    assert not torch.allclose(plain(x), outs[1])
+    assert not torch.allclose(plain(x), out)
     assert VisionTransformer(**explicit.config).config["rope"] is True
 
 

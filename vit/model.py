@@ -212,6 +212,20 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+def patch_centres(
+    grid_size: tuple[int, int], base_grid: tuple[int, int] | None = None, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column (gh*gw,) of each patch's centre, row-major, counted in patches of `base_grid`
+    (default: the grid itself, whose patches then sit at 0, 1, 2, ...): on a smaller grid of the same
+    image each patch takes its centre's place on the base grid (2 x 2 on 4 x 4: 0.5 and 2.5)."""
+    gh, gw = grid_size
+    bh, bw = base_grid or grid_size
+    ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) * (bh / gh) - 0.5
+    xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) * (bw / gw) - 0.5
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return y.flatten(), x.flatten()
+
+
 def rope_2d(
     grid_size: tuple[int, int],
     head_dim: int,
@@ -232,15 +246,11 @@ def rope_2d(
         raise ValueError(f"rope needs head_dim divisible by 4 (a pair per frequency per axis), got {head_dim}")
     if not theta > 0:
         raise ValueError(f"rope_theta must be > 0, got {theta}")
-    gh, gw = grid_size
-    bh, bw = base_grid or grid_size
-    ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) * (bh / gh) - 0.5
-    xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) * (bw / gw) - 0.5
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    y, x = patch_centres(grid_size, base_grid, device)
     n = head_dim // 4
     omega = 1.0 / theta ** (torch.arange(n, dtype=torch.float32, device=device) / n)  # (n,)
-    ay = y.flatten()[:, None] * omega  # (N, n): the row's angle per frequency
-    ax = x.flatten()[:, None] * omega
+    ay = y[:, None] * omega  # (N, n): the row's angle per frequency
+    ax = x[:, None] * omega
     # Channel layout per head: [y pair a | y pair b | x pair a | x pair b], n channels each; the
     # pairs are (channel i, channel i + n) within each axis' half, as `_rotate_half_axial` pairs them.
     sin = torch.cat([ay.sin(), ay.sin(), ax.sin(), ax.sin()], dim=1)
@@ -558,14 +568,10 @@ def sincos_pos_embed_2d(
     """
     if dim % 4 != 0:
         raise ValueError(f"pos_embed='sincos' needs embed_dim divisible by 4, got {dim}")
-    gh, gw = grid_size
-    bh, bw = base_grid or grid_size
-    ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) * (bh / gh) - 0.5
-    xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) * (bw / gw) - 0.5
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    y, x = patch_centres(grid_size, base_grid, device)
     omega = sincos_frequencies(dim, temperature, device)  # (dim/4,)
-    y = y.flatten()[:, None] * omega[None, :]  # (N, dim/4)
-    x = x.flatten()[:, None] * omega[None, :]
+    y = y[:, None] * omega[None, :]  # (N, dim/4)
+    x = x[:, None] * omega[None, :]
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
 
 
