@@ -832,6 +832,7 @@ def test_rope_leaves_prefix_rows_and_rotates_patch_rows_in_the_steps_dtype():
         ),
         (dict(TINY, rope=True, rope_theta=0.0), "rope_theta must be > 0"),
         (dict(TINY, rope_theta=50.0), "rope=False does not use it"),
+        (dict(TINY, rope=True, embed_dim=30), "embed_dim 30 is not divisible by num_heads 4"),  # not head_dim's
     ],
 )
 def test_rope_refuses_what_it_cannot_do(kw, match):

@@ -718,8 +718,8 @@ class VisionTransformer(nn.Module):
                 "rope rotates each patch token by its grid position, which patch dropping discards: "
                 "set patch_drop_rate=0 with rope=True"
             )
-        if rope:
-            rope_2d((1, 1), embed_dim // max(num_heads, 1), rope_theta)  # head_dim and theta checked here
+        if rope and num_heads > 0 and embed_dim % num_heads == 0:  # (else Attention says why the heads don't fit)
+            rope_2d((1, 1), embed_dim // num_heads, rope_theta)  # head_dim and theta checked here
         elif rope_theta != 100.0:
             raise ValueError(f"rope_theta sets the rotary embedding; rope=False does not use it (got {rope_theta})")
         for name, rate in (
