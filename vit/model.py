@@ -878,8 +878,7 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_drop.prob > 0:
             raise RuntimeError("rope needs every patch token at its grid position: switch patch dropping off")
         built = self.patch_embed.grid_size
-        head_dim = self.embed_dim // self.blocks[0].attn.num_heads
-        return rope_2d(grid or built, head_dim, self.rope_theta, base_grid=built, device=device)
+        return rope_2d(grid or built, self.blocks[0].attn.head_dim, self.rope_theta, base_grid=built, device=device)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         grid = self._grid(x)
