@@ -50,6 +50,29 @@ def _loss(net, seed):
     return F.cross_entropy(net(x), y)
 
 
+@pytest.mark.parametrize("muon_lr", [None, 0.02])
+def test_fused_adamw_takes_the_foreach_steps_up_to_rounding(muon_lr):
+    # optim.fused: torch's fused AdamW kernel for the AdamW groups; the same update as the default
+    # (foreach) kernel up to float rounding, with the groups' weight decays and peak lrs kept.
+    # No qkv bias: the keys' bias gets a gradient of rounding noise alone (softmax ignores it), which
+    # Adam scales up to lr-sized steps that differ between the kernels.
+    torch.manual_seed(0)
+    nets = [VisionTransformer(**NET, qkv_bias=False) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = {k: v.clone() for k, v in nets[0].named_parameters()}
+    opts = [build_optimizer(n, 1e-2, 0.05, (0.9, 0.999), muon_lr=muon_lr, fused=f) for n, f in zip(nets, (False, True))]
+    adamws = [o.adamw if isinstance(o, MuonAdamW) else o for o in opts]
+    assert [a.defaults["fused"] for a in adamws] == [None, True]
+    for seed in range(3):
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            _loss(net, seed).backward()
+            opt.step()
+    for (name, a), b, a0 in zip(nets[0].named_parameters(), nets[1].parameters(), start.values()):
+        assert not torch.equal(a, a0), name  # three steps moved every weight ...
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)  # ... the same way
+
+
 def test_muon_adamw_steps_exactly_as_muon_and_adamw_stepped_apart():
     torch.manual_seed(0)
     net = VisionTransformer(**NET)

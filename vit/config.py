@@ -155,6 +155,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "optim.muon_lr": _optional(POSITIVE),
     "optim.muon_momentum": RATE,
     "optim.muon_weight_decay": NON_NEGATIVE,
+    "optim.fused": BOOL,
     "optim.lookahead_k": _optional(INT_GE1),
     "optim.lookahead_decay": RATE,
     "optim.lookahead_power": POSITIVE,

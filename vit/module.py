@@ -57,6 +57,7 @@ class ViTClassifier(L.LightningModule):
         muon_lr: float | None = None,
         muon_momentum: float = 0.95,
         muon_weight_decay: float = 0.0,
+        fused: bool = False,
         lookahead_k: int | None = None,
         lookahead_decay: float = 0.774,
         lookahead_power: float = 3.0,
@@ -191,6 +192,7 @@ class ViTClassifier(L.LightningModule):
             hp.muon_momentum,
             hp.muon_weight_decay,
             hp.lookahead_k,
+            hp.get("fused", False),  # checkpoints from before optim.fused lack it
         )
 
     def peak_lr(self) -> float:

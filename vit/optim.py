@@ -144,9 +144,10 @@ class MuonAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         momentum: float = 0.95,
         nesterov: bool = True,
+        fused: bool = False,
     ) -> None:
         self.muon = Muon(muon_groups, momentum=momentum, nesterov=nesterov)
-        self.adamw = torch.optim.AdamW(adamw_groups, betas=betas)
+        self.adamw = torch.optim.AdamW(adamw_groups, betas=betas, fused=fused or None)
         params: Iterable[torch.Tensor] = [
             p for o in (self.muon, self.adamw) for g in o.param_groups for p in g["params"]
         ]
@@ -195,12 +196,14 @@ def build_optimizer(
     muon_momentum: float = 0.95,
     muon_weight_decay: float = 0.0,
     lookahead_k: int | None = None,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW over every parameter, or (with `muon_lr`) MuonAdamW; with `lookahead_k`, inside
-    Lookahead syncing every `lookahead_k` steps (its alpha starts at 1: set by the schedule)."""
+    Lookahead syncing every `lookahead_k` steps (its alpha starts at 1: set by the schedule);
+    `fused`: AdamW's fused kernel (None leaves torch's default, foreach)."""
     muon, adamw = param_groups(net, lr, weight_decay, muon_lr, muon_weight_decay)
     if not muon:
-        opt: torch.optim.Optimizer = torch.optim.AdamW(adamw, lr=lr, betas=tuple(betas))
+        opt: torch.optim.Optimizer = torch.optim.AdamW(adamw, lr=lr, betas=tuple(betas), fused=fused or None)
     else:
-        opt = MuonAdamW(muon, adamw, betas=tuple(betas), momentum=muon_momentum)
+        opt = MuonAdamW(muon, adamw, betas=tuple(betas), momentum=muon_momentum, fused=fused)
     return Lookahead(opt, alpha=1.0, k=lookahead_k) if lookahead_k else opt
