@@ -649,10 +649,60 @@ def test_whiten_patch_embed_eps_damps_the_directions_that_barely_vary_and_needs_
             lam = torch.linalg.eigvalsh(torch.cov(pe(x).reshape(-1, 48).double().T))
         spread.append((lam.max() / lam.min()).item())
     assert spread[0] < 1.1 < 10 < spread[1]  # larger eps: the least varying directions stay small
-    with pytest.raises(ValueError, match="embed_dim >= in_chans"):
-        whiten_patch_embed_(PatchEmbed(16, 4, 3, 32, strict_img_size=False), x)
     with pytest.raises(ValueError, match="more than 48 patches"):
         whiten_patch_embed_(PatchEmbed(16, 4, 3, 64, strict_img_size=False), x[:2])
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_whiten_patch_embed_narrower_than_the_patches_keeps_the_directions_that_vary_most(shift):
+    # 32 channels for 48 patch directions (240 with shifted patches: the image and 4 shifted copies):
+    # the 32 most varying directions, each at one variance; what the tokens lose is only the rest.
+    torch.manual_seed(0)
+    x = _smooth_images(400, 16)
+    pe = PatchEmbed(16, 4, 3, 32, strict_img_size=False, shift=shift)
+    k = pe.proj.weight[0].numel()
+    assert k == (240 if shift else 48)
+    with torch.no_grad():
+        whiten_patch_embed_(pe, x, eps=1e-6)
+        tokens = pe(x).reshape(-1, 32).double()
+    lam = torch.linalg.eigvalsh(torch.cov(tokens.T))
+    assert lam.min() / lam.max() > 0.99, lam
+    # The rows span the top 32 principal directions of the patches the convolution reads.
+    patches = torch.nn.functional.unfold(pe.shifted_views(x), 4, stride=4).transpose(1, 2).reshape(-1, k).double()
+    top = torch.linalg.eigh(torch.cov(patches.T))[1][:, -32:]  # (k, 32)
+    w = pe.proj.weight.reshape(32, k).double()
+    torch.testing.assert_close(w @ top @ top.T, w, atol=1e-6 * w.abs().max().item(), rtol=0)
+
+
+def test_shifted_views_are_the_image_moved_half_a_patch_along_each_diagonal():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    pe = PatchEmbed(8, 4, 3, 16, shift=2)
+    v = pe.shifted_views(x)
+    assert v.shape == (2, 15, 8, 8) and torch.equal(v[:, :3], x)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for n, (i, j) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):  # down-right, down-left, up-right, up-left
+        torch.testing.assert_close(v[:, 3 * (n + 1) : 3 * (n + 2)], padded[..., i : i + 8, j : j + 8], rtol=0, atol=0)
+    assert torch.equal(v[:, 3:6, 2:, 2:], x[..., :6, :6]) and not v[:, 3:6, :2].any()  # zeros fill the edge
+    assert torch.equal(PatchEmbed(8, 4, 3, 16).shifted_views(x), x)  # no shift: the image as it is
+
+
+def test_shifted_patch_token_sees_the_patch_and_half_a_patch_around_it():
+    # Lee et al. 2021: one linear map still, over the 8 x 8 pixels centred on each 4 x 4 patch.
+    torch.manual_seed(0)
+    m = VisionTransformer(
+        img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=10, shifted_patches=True
+    )
+    assert m.patch_embed.proj.weight.shape == (32, 15, 4, 4) and m.config["shifted_patches"] is True
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    m.patch_embed(x)[0, 5].sum().backward()  # token (1, 1): pixels 4..7 each way
+    seen = x.grad[0].abs().sum(0) > 0
+    expect = torch.zeros(16, 16, dtype=torch.bool)
+    expect[2:10, 2:10] = True
+    assert torch.equal(seen, expect)
+    with pytest.raises(ValueError, match="needs patch_size >= 2"):
+        VisionTransformer(img_size=16, patch_size=1, embed_dim=32, depth=1, num_heads=2, shifted_patches=True)
+    with pytest.raises(ValueError, match="shift must be >= 0"):
+        PatchEmbed(16, 4, 3, 32, shift=-1)
 
 
 def test_self_mask_keeps_each_token_from_attending_to_itself():

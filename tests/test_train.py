@@ -233,10 +233,6 @@ def _narrow_run(folder_data) -> list[str]:
         (["data.val_size=100000"], "data.val_size=100000 must be in"),
         (["model.mlp_layer=geglu"], "mlp_layer must be one of ('mlp', 'swiglu'), got 'geglu'"),
         (["model.mlp_layer=swiglu", "model.mlp_ratio=1.53125"], "splits fc1's 49 features into gate and value"),
-        (
-            ["model.whiten_patches=true"],
-            "model.whiten_patches: whitening needs embed_dim >= in_chans * patch area (32 < 48)",
-        ),
         (["model.whiten_patches=true", "model.pretrained=/w.pth"], "model.whiten_patches=true would overwrite"),
         (
             ["model.depth=2", "model.pretrained=/w.pth", "optim.depth_schedule=[[0,1],[0.5,2]]"],
@@ -252,9 +248,9 @@ def test_bad_overrides_fail_before_training(folder_data, tmp_path, overrides, me
 
 
 def test_a_bad_override_is_one_line_from_the_cli_and_nothing_is_trained(folder_data, tmp_path):
-    r = run_module("vit.train", [*_narrow_run(folder_data), "model.whiten_patches=true"], tmp_path)
+    r = run_module("vit.train", [*_narrow_run(folder_data), "model.num_heads=5"], tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "error: model.whiten_patches: whitening needs embed_dim >= in_chans * patch area (32 < 48)" in r.stderr
+    assert "error: embed_dim 32 is not divisible by num_heads 5" in r.stderr
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 

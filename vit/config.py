@@ -139,6 +139,7 @@ TRAIN_RULES: dict[str, Rule] = {
     "model.learned_temperature": BOOL,
     "model.rope": BOOL,
     "model.rope_theta": POSITIVE,
+    "model.shifted_patches": BOOL,
     "model.whiten_patches": BOOL,
     "model.proj_drop_rate": RATE,
     "model.attn_drop_rate": RATE,

@@ -57,9 +57,13 @@ class PatchEmbed(nn.Module):
         embed_dim: int = 768,
         bias: bool = True,
         strict_img_size: bool = True,
+        shift: int = 0,
     ) -> None:
         super().__init__()
         self.strict_img_size = strict_img_size  # False: any size that the patch tiles (dynamic_img_size)
+        if shift < 0:
+            raise ValueError(f"shift must be >= 0 pixels, got {shift}")
+        self.shift = shift  # > 0: shifted patch tokenization (`shifted_views`)
         self.img_size = _pair(img_size)
         self.patch_size = _pair(patch_size)
         for side, (i, p) in zip(("height", "width"), zip(self.img_size, self.patch_size)):
@@ -71,8 +75,23 @@ class PatchEmbed(nn.Module):
         self.in_chans = in_chans
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        # A convolution with kernel = stride = patch is a linear map applied to each patch.
-        self.proj = nn.Conv2d(in_chans, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+        # A convolution with kernel = stride = patch is a linear map applied to each patch (of the
+        # image, and with a shift of its four shifted copies too: 5 x in_chans channels).
+        views = 5 if shift else 1
+        self.proj = nn.Conv2d(in_chans * views, embed_dim, self.patch_size, stride=self.patch_size, bias=bias)
+
+    def shifted_views(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 5C, H, W) with a shift: the image and its copies moved `shift` pixels
+        along each diagonal (zeros, the mean colour once normalized, fill the edges), as Lee et al.
+        2021's shifted patch tokenization. A patch of the result holds its own pixels and those of
+        the four patches' worth around it, so the linear embedding sees past the patch grid's
+        borders; it is one linear map still (a strided convolution with a sparse 2p-wide kernel),
+        not a convolutional stem. Without a shift: x as it is."""
+        if not self.shift:
+            return x
+        s, (h, w) = self.shift, x.shape[-2:]
+        padded = F.pad(x, (s, s, s, s))
+        return torch.cat([x, *(padded[..., i : i + h, j : j + w] for i in (0, 2 * s) for j in (0, 2 * s))], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.strict_img_size:
@@ -92,7 +111,7 @@ class PatchEmbed(nn.Module):
                 f"expected images of shape (batch, {self.in_chans}, H, W) with H, W multiples of the "
                 f"patch size {self.patch_size}, got {tuple(x.shape)}"
             )
-        x = self.proj(x)  # (B, D, gh, gw)
+        x = self.proj(self.shifted_views(x))  # (B, D, gh, gw)
         # (B, gh*gw, D), row-major over the grid. Contiguous: a transposed view would carry its
         # strides into every add of the residual stream (measured ~3% slower training on CPU).
         return x.flatten(2).transpose(1, 2).contiguous()
@@ -372,20 +391,20 @@ def whiten_patch_embed_(patch_embed: PatchEmbed, images: torch.Tensor, eps: floa
     """Data-dependent init: the patch embedding starts as a whitening of the image patches.
 
     images: (N, C, H, W), as the first training steps see them (normalized, at their size).
-    With the patches' covariance V diag(lam) V^T (C*p*p directions), the weight becomes
-    s * R diag(lam + eps * mean(lam))^-1/2 V^T, R a random (D, C*p*p) matrix with orthonormal
-    columns (needs D >= C*p*p): the tokens of these images have one and the same variance, s^2, along
-    each direction the patches vary in, instead of the few smooth directions of natural images
-    dominating (airbench's whitened first layer, for a linear patch embedding). eps damps the
-    directions that barely vary (pixel noise, JPEG). s keeps the mean per-channel token variance that
-    the embedding had before; the bias centres the tokens. Draws R from torch's global RNG.
+    With the patches' covariance V diag(lam) V^T (k = C*p*p directions, 5x that with shifted patch
+    tokens), the weight becomes s * R diag(lam + eps * mean(lam))^-1/2 V^T over the r = min(D, k)
+    directions that vary most, R a random (D, r) matrix with orthonormal columns: the tokens of these
+    images have one and the same variance, s^2, along each of those directions, instead of the few
+    smooth directions of natural images dominating (airbench's whitened first layer, for a linear
+    patch embedding); with D < k the k - r least varying ones are left out. eps damps the directions
+    that barely vary (pixel noise, JPEG). s keeps the mean per-channel token variance that the
+    embedding had before; the bias centres the tokens. Draws R from torch's global RNG.
     """
-    w = patch_embed.proj.weight  # (D, C, p, p)
+    w = patch_embed.proj.weight  # (D, C', p, p): C' = C, or 5C with shifted patch tokens
     D, k = w.shape[0], w[0].numel()
-    if D < k:
-        raise ValueError(f"whitening needs embed_dim >= in_chans * patch area ({D} < {k})")
+    r = min(D, k)
     ph, pw = patch_embed.patch_size
-    x = images.to(w.dtype)
+    x = patch_embed.shifted_views(images.to(w.dtype))
     # (N, C*p*p, L) -> (N*L, C*p*p): every patch as a row, channel-major like the conv kernel.
     patches = F.unfold(x, (ph, pw), stride=(ph, pw)).transpose(1, 2).reshape(-1, k).double()
     if patches.shape[0] <= k:
@@ -393,8 +412,10 @@ def whiten_patch_embed_(patch_embed: PatchEmbed, images: torch.Tensor, eps: floa
     mean, cov = patches.mean(0), torch.cov(patches.T)  # (k,), (k, k)
     lam, V = torch.linalg.eigh(cov)  # ascending eigenvalues, orthonormal eigenvectors (columns)
     lam = lam.clamp_min(0)
-    white = (lam + eps * lam.mean()).rsqrt()[:, None] * V.T  # (k, k): patch -> whitened coordinates
-    R, _ = torch.linalg.qr(torch.randn(D, k, dtype=torch.float64))  # (D, k), orthonormal columns
+    floor = eps * lam.mean()
+    lam, V = lam[-r:], V[:, -r:]  # the r directions that vary most
+    white = (lam + floor).rsqrt()[:, None] * V.T  # (r, k): patch -> whitened coordinates
+    R, _ = torch.linalg.qr(torch.randn(D, r, dtype=torch.float64))  # (D, r), orthonormal columns
     old = w.reshape(D, k).double()
     before = torch.einsum("dk,kl,dl->d", old, cov, old).mean()  # mean channel variance of the tokens now
     new = R @ white
@@ -613,7 +634,8 @@ class VisionTransformer(nn.Module):
     sin-cos positions, `weight_init="impulse"` (`impulse_init_`); `self_mask` (no token attends to
     itself) and `learned_temperature` (a learned logit scale per head), the two parts of Lee et
     al. 2021's locality self-attention; `rope` (axial rotary positions on queries and keys,
-    `rope_2d`), beside or instead of `pos_embed`. `global_pool` takes timm's "avg", "max", "avgmax".
+    `rope_2d`), beside or instead of `pos_embed`; `shifted_patches` (the patch embedding also sees
+    the image shifted half a patch along each diagonal, `PatchEmbed.shifted_views`). `global_pool` takes timm's "avg", "max", "avgmax".
     `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
     """
@@ -653,6 +675,7 @@ class VisionTransformer(nn.Module):
         learned_temperature: bool = False,
         rope: bool = False,
         rope_theta: float = 100.0,
+        shifted_patches: bool = False,
     ) -> None:
         super().__init__()
         # Plain primitives only: checkpoints store this dict and tools rebuild from it.
@@ -689,6 +712,7 @@ class VisionTransformer(nn.Module):
             "learned_temperature": learned_temperature,
             "rope": rope,
             "rope_theta": rope_theta,
+            "shifted_patches": shifted_patches,
         }
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
@@ -722,6 +746,8 @@ class VisionTransformer(nn.Module):
             rope_2d((1, 1), embed_dim // num_heads, rope_theta)  # head_dim and theta checked here
         elif rope_theta != 100.0:
             raise ValueError(f"rope_theta sets the rotary embedding; rope=False does not use it (got {rope_theta})")
+        if shifted_patches and min(_pair(patch_size)) < 2:
+            raise ValueError(f"shifted_patches moves the image half a patch: needs patch_size >= 2, got {patch_size}")
         for name, rate in (
             ("drop_rate", drop_rate),
             ("pos_drop_rate", pos_drop_rate),
@@ -744,7 +770,14 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
         self.rope_theta = rope_theta if rope else None  # None: no rotary embedding
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size)
+        self.patch_embed = PatchEmbed(
+            img_size,
+            patch_size,
+            in_chans,
+            embed_dim,
+            strict_img_size=not dynamic_img_size,
+            shift=min(_pair(patch_size)) // 2 if shifted_patches else 0,  # half a patch, as Lee et al.
+        )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
