@@ -98,6 +98,22 @@ def test_the_cpu_preset_trains_in_bf16_with_explicit_attention_only_where_the_cp
     assert (cfg.trainer.precision, cfg.model.fused_attn) == ("32-true", True)
 
 
+@pytest.mark.parametrize(
+    "bf16, compiler, compiled",
+    [(True, True, True), (True, False, False), (False, True, False), (False, False, False)],
+    ids=["bf16-with-compiler", "bf16-without", "fp32-with-compiler", "fp32-without"],
+)
+def test_the_cpu_preset_compiles_its_bf16_step_only_where_a_cpp_compiler_is_found(
+    bf16, compiler, compiled, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(vit.config, "cpu_has_bf16_matmul", lambda: bf16)
+    monkeypatch.setattr(vit.config, "cpp_compiler_found", lambda: compiler)
+    cfg = compose_train(["experiment=cpu_30min"], tmp_path)
+    assert cfg.model.compile is compiled and cfg.model.shifted_patches is True
+    check_train_config(cfg)
+    assert compose_train(["experiment=cpu_30min", "model.compile=false"], tmp_path).model.compile is False
+
+
 def test_cpp_compiler_found_asks_torch_for_the_compiler_it_would_use(monkeypatch):
     import torch._inductor.cpp_builder as cpp_builder
     from torch._inductor.exc import InvalidCxxCompiler

@@ -60,11 +60,14 @@ def cpp_compiler_found() -> bool:
 
 
 # `${vit.if_cpu_bf16:A,B}` in a config: A on a CPU that multiplies bf16 in hardware, B elsewhere
-# (conf/experiment/cpu_30min.yaml picks its precision, attention path and width so). `${vit.if_amx:A,B}`
+# (conf/experiment/cpu_30min.yaml picks its precision, attention path and width so);
+# `${vit.if_cpp_compiler:A,B}`: A where torch.compile finds a C++ compiler for CPU kernels. `${vit.if_amx:A,B}`
 # (AMX alone) is what run folders saved before 2026-12-05 name. Registered on import: every entry point
 # composes its config through here. The lambdas look the functions up when called, so tests can patch them.
 if not OmegaConf.has_resolver("vit.if_cpu_bf16"):
     OmegaConf.register_new_resolver("vit.if_cpu_bf16", lambda yes, no: yes if cpu_has_bf16_matmul() else no)
+if not OmegaConf.has_resolver("vit.if_cpp_compiler"):
+    OmegaConf.register_new_resolver("vit.if_cpp_compiler", lambda yes, no: yes if cpp_compiler_found() else no)
 if not OmegaConf.has_resolver("vit.if_amx"):
     OmegaConf.register_new_resolver("vit.if_amx", lambda yes, no: yes if cpu_has_amx() else no)
 
