@@ -83,10 +83,10 @@ class PatchEmbed(nn.Module):
     def shifted_views(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 5C, H, W) with a shift: the image and its copies moved `shift` pixels
         along each diagonal (zeros, the mean colour once normalized, fill the edges), as Lee et al.
-        2021's shifted patch tokenization. A patch of the result holds its own pixels and those of
-        the four patches' worth around it, so the linear embedding sees past the patch grid's
-        borders; it is one linear map still (a strided convolution with a sparse 2p-wide kernel),
-        not a convolutional stem. Without a shift: x as it is."""
+        2021's shifted patch tokenization. With shift = p/2, a p x p patch of the result holds the
+        2p x 2p pixels centred on it, so the linear embedding sees past the patch grid's borders; it
+        is one linear map still (a strided convolution with a sparse 2p-wide kernel), not a
+        convolutional stem. Without a shift: x as it is."""
         if not self.shift:
             return x
         s, (h, w) = self.shift, x.shape[-2:]
@@ -635,7 +635,8 @@ class VisionTransformer(nn.Module):
     itself) and `learned_temperature` (a learned logit scale per head), the two parts of Lee et
     al. 2021's locality self-attention; `rope` (axial rotary positions on queries and keys,
     `rope_2d`), beside or instead of `pos_embed`; `shifted_patches` (the patch embedding also sees
-    the image shifted half a patch along each diagonal, `PatchEmbed.shifted_views`). `global_pool` takes timm's "avg", "max", "avgmax".
+    the image shifted half a patch along each diagonal, `PatchEmbed.shifted_views`; no timm
+    counterpart). `global_pool` takes timm's "avg", "max", "avgmax".
     `reg_tokens`: register tokens after the class token (timm's keyword, names and order).
     `config` holds the constructor arguments, so `VisionTransformer(**model.config)` rebuilds it.
     """
