@@ -192,7 +192,7 @@ class ViTClassifier(L.LightningModule):
             hp.muon_momentum,
             hp.muon_weight_decay,
             hp.lookahead_k,
-            hp.get("fused", False),  # checkpoints from before optim.fused lack it
+            hp.fused,
         )
 
     def peak_lr(self) -> float:
